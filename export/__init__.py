@@ -1,0 +1,3 @@
+"""export: FX → ONNX, saving, ONNX Runtime sessions and parity checks."""
+
+from __future__ import annotations

@@ -1,0 +1,51 @@
+"""graph: capture, load/save, clone, kind, verification and inspection of FX and ONNX graphs.
+
+Free functions over ``torch.fx.GraphModule`` and ``onnx_ir.Model``; no wrapper class.
+This subpackage imports no other part of graphpress.
+"""
+
+from __future__ import annotations
+
+from .analysis import Measure, measure, op_name, to_networkx
+from .capture import capture
+from .errors import (
+    CaptureError,
+    ExportError,
+    GraphpressError,
+    ModelLoadError,
+    PassSpecError,
+    PostconditionError,
+    PreconditionError,
+    UnsafeExternalDataError,
+    UnsupportedGraphError,
+    VerificationError,
+)
+from .io import load, save
+from .kind import Graph, GraphKind, clone, is_canonical_fx, kind
+from .verify import verify
+
+__all__ = [
+    "Graph",
+    "GraphKind",
+    "Measure",
+    "capture",
+    "clone",
+    "is_canonical_fx",
+    "kind",
+    "load",
+    "measure",
+    "op_name",
+    "save",
+    "to_networkx",
+    "verify",
+    "CaptureError",
+    "ExportError",
+    "GraphpressError",
+    "ModelLoadError",
+    "PassSpecError",
+    "PostconditionError",
+    "PreconditionError",
+    "UnsafeExternalDataError",
+    "UnsupportedGraphError",
+    "VerificationError",
+]

@@ -1,0 +1,66 @@
+"""Small helpers for mutating ``onnx_ir`` graphs with provenance.
+
+Nodes and values a pass creates record the pass name in
+``metadata_props["graphpress.pass"]`` (saved into the ONNX file) and get deterministic names
+``<origin>.<pass-tag>.<role>``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+__all__ = ["PROVENANCE", "mark", "constant_array", "add_initializer", "unique_name"]
+
+PROVENANCE = "graphpress.pass"
+
+
+def mark(item: ir.Node | ir.Value, pass_name: str) -> ir.Node | ir.Value:
+    """Record that ``pass_name`` created ``item`` (and, for a node, its outputs)."""
+    item.metadata_props[PROVENANCE] = pass_name
+    if isinstance(item, ir.Node):
+        for value in item.outputs:
+            value.metadata_props[PROVENANCE] = pass_name
+    return item
+
+
+def constant_array(value: ir.Value | None) -> np.ndarray | None:
+    """The numpy array of ``value`` if it is an initializer or a ``Constant`` output."""
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Constant" and producer.domain in ("", "ai.onnx"):
+        attr = producer.attributes.get("value")
+        if attr is not None and attr.type == ir.AttributeType.TENSOR:
+            return attr.value.numpy()
+    return None
+
+
+def unique_name(graph: ir.Graph, name: str, taken: set[str] | None = None) -> str:
+    """``name``, or ``name_1``, ``name_2``... if a value of the graph already uses it."""
+    taken = taken if taken is not None else _value_names(graph)
+    candidate, index = name, 1
+    while candidate in taken:
+        candidate, index = f"{name}_{index}", index + 1
+    taken.add(candidate)
+    return candidate
+
+
+def _value_names(graph: ir.Graph) -> set[str]:
+    names = {v.name for v in graph.inputs} | set(graph.initializers)
+    for node in graph:
+        names.update(v.name for v in node.outputs if v.name)
+    return names
+
+
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray, pass_name: str) -> ir.Value:
+    """Register ``array`` as a new initializer named ``name`` (made unique); return its value."""
+    unique = unique_name(graph, name)
+    value = ir.Value(name=unique, const_value=ir.tensor(array, name=unique))
+    value.shape = ir.Shape(array.shape)
+    value.dtype = value.const_value.dtype
+    graph.register_initializer(value)
+    mark(value, pass_name)
+    return value

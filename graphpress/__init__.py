@@ -1,0 +1,59 @@
+"""graphpress: graph-level compression passes for PyTorch (FX) and ONNX models.
+
+    import graphpress as gp
+    gm = gp.capture(model, example_args)
+    result = gp.optimize(gm, ["fold-batchnorm", "eliminate-identity", "dce"])
+    onnx_model = gp.export.to_onnx(result.graph, example_args)
+    print(result.report)
+"""
+
+from __future__ import annotations
+
+from graphpress import export, graph, passes
+from graphpress.graph import (
+    CaptureError,
+    ExportError,
+    GraphpressError,
+    ModelLoadError,
+    PassSpecError,
+    PostconditionError,
+    PreconditionError,
+    UnsafeExternalDataError,
+    UnsupportedGraphError,
+    VerificationError,
+    capture,
+    clone,
+    kind,
+    load,
+    save,
+)
+from graphpress.passes import OptimizeResult, Pass, PassManager, PassResult, Report, optimize
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CaptureError",
+    "ExportError",
+    "GraphpressError",
+    "ModelLoadError",
+    "OptimizeResult",
+    "Pass",
+    "PassManager",
+    "PassResult",
+    "PassSpecError",
+    "PostconditionError",
+    "PreconditionError",
+    "Report",
+    "UnsafeExternalDataError",
+    "UnsupportedGraphError",
+    "VerificationError",
+    "capture",
+    "clone",
+    "export",
+    "graph",
+    "kind",
+    "load",
+    "optimize",
+    "passes",
+    "save",
+]
