@@ -10,7 +10,9 @@ accepted too: it is an ``nn.Module`` like any other and is simply exported again
 from __future__ import annotations
 
 import logging
+import os
 import re
+import traceback
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,7 +26,11 @@ __all__ = ["capture"]
 
 logger = logging.getLogger(__name__)
 
-_OP_PATTERN = re.compile(r"(aten::?\.?[\w.]+|torch\.ops\.[\w.]+|\b[\w]+\.default\b)")
+_OP_PATTERN = re.compile(r"torch\.ops\.\w+\.\w+|\baten[.:]+\w+|\b\w+::\w+|torch\.\w+(?=\()|\.\w+\(\)")
+_USER_CALL = re.compile(
+    r"The following call raised this error:\s*File \"(?P<file>[^\"]+)\", line (?P<line>\d+), "
+    r"in (?P<name>\w+)\s*\n(?P<code>[^\n]*)"
+)
 
 
 def capture(
@@ -62,12 +68,35 @@ def capture(
 
 
 def _describe_failure(exc: Exception) -> str:
+    """One paragraph: the failing op (if named), the user's line that called it, the cause."""
     text = str(exc).strip()
     first = text.splitlines()[0] if text else type(exc).__name__
-    match = _OP_PATTERN.search(text)
-    op = f" at op {match.group(0)}" if match else ""
+    where = _USER_CALL.search(text)
+    location = ""
+    if where:
+        location = f" in {where.group('name')} at {where.group('file')}:{where.group('line')}"
+        location += f" (`{where.group('code').strip()}`)"
+        op_match = _OP_PATTERN.search(where.group("code"))
+    else:
+        frame = _user_frame(exc)
+        if frame is not None:
+            location = f" in {frame.name} at {frame.filename}:{frame.lineno} (`{frame.line}`)"
+        op_match = _OP_PATTERN.search(frame.line if frame is not None else text)
+    op = f" at op {op_match.group(0)}" if op_match else ""
     return (
-        f"torch.export could not capture the model{op}: {type(exc).__name__}: {first[:300]}. "
-        "Check that the example inputs match forward(), make data-dependent control flow "
-        "static, or pass dynamic_shapes"
+        f"torch.export could not capture the model{op}{location}: {type(exc).__name__}: "
+        f"{first[:300]}. Check that the example inputs match forward(), make data-dependent "
+        "control flow static (torch.cond) or pass dynamic_shapes"
     )
+
+
+def _user_frame(exc: BaseException) -> traceback.FrameSummary | None:
+    """The innermost traceback frame outside torch and graphpress: the model's own line."""
+    torch_dir = os.path.dirname(torch.__file__)
+    ours = os.path.dirname(os.path.abspath(__file__))
+    frames = traceback.extract_tb(exc.__traceback__)
+    mine = [
+        f for f in frames
+        if not f.filename.startswith((torch_dir, ours)) and f.line and "<" not in f.filename
+    ]
+    return mine[-1] if mine else None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Literal, Union
+from typing import Literal
 
 import onnx_ir as ir
 import torch
@@ -22,7 +22,7 @@ __all__ = ["Graph", "GraphKind", "kind", "clone", "is_canonical_fx", "CANONICAL_
 
 logger = logging.getLogger(__name__)
 
-Graph = Union[fx.GraphModule, ir.Model]
+Graph = fx.GraphModule | ir.Model
 GraphKind = Literal["fx", "onnx"]
 
 #: ``gm.meta`` key set by :func:`graphpress.graph.capture` on graphs in the canonical dialect.

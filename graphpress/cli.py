@@ -1,0 +1,164 @@
+"""Command line: ``graphpress inspect|optimize|diff|passes|demo``.
+
+Every failure the user can fix (a missing or broken model, an unknown pass or option, a graph a
+pass does not support) prints one line ``graphpress: error: ...`` to stderr and exits with
+code 2, writing no output and leaving the input untouched. Outputs are written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from graphpress.graph.errors import GraphpressError
+
+__all__ = ["main", "build_parser"]
+
+logger = logging.getLogger(__name__)
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one readable line, exit 2
+        self.exit(EXIT_USAGE, f"graphpress: error: {message} (see 'graphpress --help')\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="graphpress", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what each pass does")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    inspect = sub.add_parser("inspect", help="summarise an ONNX model")
+    inspect.add_argument("model", help="path to an .onnx file")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
+    inspect.add_argument("--graph", action="store_true", help="also print every node")
+
+    opt = sub.add_parser("optimize", help="run passes over an ONNX model and write ONNX")
+    opt.add_argument("model", help="path to an .onnx file (never modified)")
+    opt.add_argument("-p", "--pass", dest="passes", action="append", required=True,
+                     metavar="SPEC", help="pass spec, e.g. dce or 'name:key=value'; repeatable")
+    opt.add_argument("-o", "--output", required=True, help="where to write the optimised .onnx")
+    opt.add_argument("--report", help="also write a single-file HTML report here")
+    opt.add_argument("--json-report", help="also write the report as JSON here")
+    opt.add_argument("--verify", choices=("each", "end", "off"), default="each")
+    opt.add_argument("--external-data", choices=("auto", "yes", "no"), default="auto",
+                     help="store large weights in OUTPUT.data (auto: above 1 GiB)")
+
+    diff = sub.add_parser("diff", help="show what changed between two ONNX models")
+    diff.add_argument("before")
+    diff.add_argument("after")
+    diff.add_argument("--json", action="store_true")
+
+    passes = sub.add_parser("passes", help="list the passes and their options")
+    passes.add_argument("--json", action="store_true")
+
+    demo = sub.add_parser("demo", help="compress all-MiniLM-L6-v2 end to end and report")
+    demo.add_argument("--out", default="graphpress-demo", help="folder for the ONNX files")
+    demo.add_argument("--sentences", type=int, default=64, help="real sentences for parity")
+    demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return _COMMANDS[args.command](args)
+    except GraphpressError as exc:
+        message = " ".join(str(exc).split())
+        print(f"graphpress: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("graphpress: interrupted", file=sys.stderr)
+        return 130
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from graphpress import graph
+
+    model = graph.load(args.model)
+    summary = graph.summary(model)
+    if args.json:
+        print(json.dumps(summary.to_dict(), indent=2, default=str))
+    else:
+        print(summary)
+        if args.graph:
+            print(graph.format(model))
+    return 0
+
+
+def _optimize(args: argparse.Namespace) -> int:
+    from graphpress import graph
+    from graphpress.passes import optimize
+
+    source, output = Path(args.model), Path(args.output)
+    if source.exists() and output.exists() and source.resolve() == output.resolve():
+        raise GraphpressError(
+            f"output {output} is the input model; choose another -o path (inputs are never "
+            "overwritten)"
+        )
+    original = graph.load(source)
+    result = optimize(original, args.passes, verify=args.verify)
+    external = {"auto": None, "yes": True, "no": False}[args.external_data]
+    graph.save(result.graph, output, external_data=external)
+    print(result.report)
+    if args.report:
+        result.report.save_html(args.report, before=original, after=result.graph)
+    if args.json_report:
+        _write_text_atomic(Path(args.json_report), result.report.to_json())
+    print(f"wrote {output}")
+    return 0
+
+
+def _diff(args: argparse.Namespace) -> int:
+    from graphpress import graph
+
+    difference = graph.diff(graph.load(args.before), graph.load(args.after))
+    print(json.dumps(difference.to_dict(), indent=2) if args.json else difference)
+    return 0
+
+
+def _passes(args: argparse.Namespace) -> int:
+    from graphpress.passes import describe
+
+    rows = describe()
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    for row in rows:
+        print(f"{row['name']:<22} [{','.join(row['supports'])}] {row['summary']}")
+        for option in row["options"]:
+            print(f"    {option['name']}={option['default']!r}  ({option['type']})")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from graphpress.demo import run_demo
+
+    result = run_demo(Path(args.out), sentences=args.sentences, progress=not args.no_progress)
+    print(result.text())
+    return 0
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+_COMMANDS = {
+    "inspect": _inspect,
+    "optimize": _optimize,
+    "diff": _diff,
+    "passes": _passes,
+    "demo": _demo,
+}
