@@ -20,23 +20,33 @@ from .errors import (
     UnsupportedGraphError,
     VerificationError,
 )
+from .html import to_dot, to_svg
 from .io import load, save
 from .kind import Graph, GraphKind, clone, is_canonical_fx, kind
+from .printing import GraphDiff, NodeChange, Summary, diff, format, summary
 from .verify import verify
 
 __all__ = [
     "Graph",
     "GraphKind",
+    "GraphDiff",
     "Measure",
+    "NodeChange",
+    "Summary",
     "capture",
     "clone",
+    "diff",
+    "format",
     "is_canonical_fx",
     "kind",
     "load",
     "measure",
     "op_name",
     "save",
+    "summary",
+    "to_dot",
     "to_networkx",
+    "to_svg",
     "verify",
     "CaptureError",
     "ExportError",

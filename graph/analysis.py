@@ -20,9 +20,10 @@ import onnx_ir as ir
 import torch
 from torch import fx
 
+from .errors import VerificationError
 from .kind import Graph, kind
 
-__all__ = ["Measure", "measure", "op_name", "fx_tensor_attrs", "onnx_constants", "to_networkx"]
+__all__ = ["Measure", "measure", "op_name", "dtype_name", "fx_tensor_attrs", "onnx_constants", "to_networkx"]
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +94,9 @@ def measure(graph: Graph) -> Measure:
     params = 0
     if kind(graph) == "fx":
         ops = Counter(
-            op_name(n) for n in graph.graph.nodes if n.op in ("call_function", "call_module")
+            op_name(n)
+            for n in graph.graph.nodes
+            if n.op == "call_function" or (n.op == "call_module" and n.target != "_guards_fn")
         )
         nodes = sum(ops.values())
         seen: set[int] = set()
@@ -109,7 +112,7 @@ def measure(graph: Graph) -> Measure:
         for tensor in onnx_constants(graph).values():
             count = tensor.size
             params += count
-            by_dtype[tensor.dtype.name.lower()] += tensor.nbytes
+            by_dtype[dtype_name(tensor.dtype)] += tensor.nbytes
     return Measure(
         nodes=nodes,
         params=params,
@@ -117,6 +120,16 @@ def measure(graph: Graph) -> Measure:
         bytes_by_dtype=dict(sorted(by_dtype.items())),
         ops=dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
     )
+
+
+def dtype_name(dtype: ir.DataType) -> str:
+    """The numpy-style name of an ONNX dtype (``float32``, ``int8``, ``int4``), as torch uses."""
+    if dtype == ir.DataType.STRING:
+        return "string"
+    try:
+        return dtype.numpy().name
+    except (TypeError, ValueError):
+        return dtype.name.lower()
 
 
 def to_networkx(graph: Graph) -> nx.DiGraph:
@@ -148,6 +161,11 @@ def to_networkx(graph: Graph) -> nx.DiGraph:
     def source(value: ir.Value) -> str:
         producer = value.producer()
         if producer is not None:
+            if id(producer) not in keys:
+                raise VerificationError(
+                    f"value {value.name!r} is produced by a node that is not in the graph; "
+                    "run graphpress.graph.verify to locate the broken edge"
+                )
             return keys[id(producer)]
         return f"const:{value.name}" if value.is_initializer() else f"input:{value.name}"
 

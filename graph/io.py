@@ -33,22 +33,26 @@ EXTERNAL_DATA_THRESHOLD = 1024
 
 def load(source: str | os.PathLike | bytes | onnx.ModelProto) -> ir.Model:
     """Load ``source`` into an ``onnx_ir.Model`` (external data loaded lazily)."""
+    path = None
     if isinstance(source, onnx.ModelProto):
-        proto, base_dir = source, None
+        proto, base_dir, origin = source, None, "<ModelProto>"
+        _check_fields(proto, origin)
     elif isinstance(source, (bytes, bytearray)):
-        proto, base_dir = _parse(bytes(source), "<bytes>"), None
+        proto, base_dir, origin = _parse(bytes(source), "<bytes>"), None, "<bytes>"
     elif isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.exists():
             raise ModelLoadError(f"{path}: no such file; check the path to the .onnx model")
         if path.is_dir():
             raise ModelLoadError(f"{path}: is a folder; pass the path of the .onnx file inside it")
-        proto, base_dir = _parse(path.read_bytes(), str(path)), path.resolve().parent
+        origin = str(path)
+        proto, base_dir = _parse(path.read_bytes(), origin), path.resolve().parent
     else:
         raise ModelLoadError(
             f"cannot load a {type(source).__name__}; pass a path, bytes or an onnx.ModelProto"
         )
-    _check_external_data(proto, base_dir)
+    _check_external_data(proto, base_dir, origin)
+    _check_model(proto, path if any(True for _ in _external_tensors(proto)) else None, origin)
     model = ir.serde.deserialize_model(proto)
     if base_dir is not None:
         ir.external_data.set_base_dir(model.graph, base_dir)
@@ -64,17 +68,26 @@ def _parse(data: bytes, origin: str) -> onnx.ModelProto:
             f"{origin}: not a valid ONNX model ({type(exc).__name__}); the file is not ONNX "
             "or is truncated: re-export or re-download it"
         ) from None
+    _check_fields(proto, origin)
+    return proto
+
+
+def _check_fields(proto: onnx.ModelProto, origin: str) -> None:
     if not proto.HasField("graph") or len(proto.opset_import) == 0:
         raise ModelLoadError(
             f"{origin}: not a valid ONNX model (no graph or no opset import); the file is not "
             "ONNX or is truncated: re-export or re-download it"
         )
+
+
+def _check_model(proto: onnx.ModelProto, path: Path | None, origin: str) -> None:
+    # The checker resolves external-data locations against the model's folder only when it
+    # is given the path; given a proto it would look in the current directory.
     try:
-        onnx.checker.check_model(proto)
-    except onnx.checker.ValidationError as exc:
+        onnx.checker.check_model(str(path) if path is not None else proto)
+    except (onnx.checker.ValidationError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "checker failed"
         raise ModelLoadError(f"{origin}: invalid ONNX model: {first}") from None
-    return proto
 
 
 def _external_tensors(proto: onnx.ModelProto):
@@ -92,34 +105,53 @@ def _external_tensors(proto: onnx.ModelProto):
                 graphs.extend(attr.graphs)
 
 
-def _check_external_data(proto: onnx.ModelProto, base_dir: Path | None) -> None:
+def _check_external_data(proto: onnx.ModelProto, base_dir: Path | None, origin: str) -> None:
     """Refuse locations that escape ``base_dir`` and data that lies past the end of its file."""
     for tensor in _external_tensors(proto):
         info = {entry.key: entry.value for entry in tensor.external_data}
         location = info.get("location", "")
         if base_dir is None:
             raise ModelLoadError(
-                f"tensor {tensor.name!r} keeps its data in external file {location!r}, but the "
-                "model was given as bytes; load it from its path so the data file can be found"
+                f"{origin}: tensor {tensor.name!r} keeps its data in external file {location!r}, but the "
+                f"model was given as {origin}; load it from its path so the data file can be found"
             )
         target = (base_dir / location).resolve()
         if os.path.isabs(location) or not target.is_relative_to(base_dir):
             raise UnsafeExternalDataError(
-                f"tensor {tensor.name!r}: external-data location {location!r} points outside the "
+                f"{origin}: tensor {tensor.name!r}: external-data location {location!r} points outside the "
                 f"model's folder {base_dir}; refusing to read it (path traversal). Keep data "
                 "files next to the model and use relative names"
             )
         if not target.is_file():
             raise ModelLoadError(
-                f"tensor {tensor.name!r}: external-data file {location!r} is missing next to the "
+                f"{origin}: tensor {tensor.name!r}: external-data file {location!r} is missing next to the "
                 "model; copy it into the model's folder"
             )
-        end = int(info.get("offset", 0)) + int(info.get("length", 0))
-        if end > target.stat().st_size:
+        try:
+            offset = int(info.get("offset", 0))
+            length = int(info["length"]) if "length" in info else _nbytes(tensor)
+        except ValueError:
             raise ModelLoadError(
-                f"tensor {tensor.name!r}: external-data file {location!r} is truncated (needs "
+                f"{origin}: tensor {tensor.name!r}: external-data offset/length {info} are invalid; "
+                "re-export the model"
+            ) from None
+        end = offset + length
+        if offset < 0 or length < 0 or end > target.stat().st_size:
+            raise ModelLoadError(
+                f"{origin}: tensor {tensor.name!r}: external-data file {location!r} is truncated (needs "
                 f"{end} bytes, has {target.stat().st_size}); re-export the model"
             )
+
+
+def _nbytes(tensor: onnx.TensorProto) -> int:
+    """Bytes a fixed-size tensor occupies (0 for strings, whose size is not known up front)."""
+    if tensor.data_type == onnx.TensorProto.STRING:
+        return 0
+    count = 1
+    for dim in tensor.dims:
+        count *= dim
+    bits = ir.DataType(tensor.data_type).bitwidth
+    return (count * bits + 7) // 8
 
 
 def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:

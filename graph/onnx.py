@@ -26,8 +26,8 @@ def mark(item: ir.Node | ir.Value, pass_name: str) -> ir.Node | ir.Value:
 
 def constant_array(value: ir.Value | None) -> np.ndarray | None:
     """The numpy array of ``value`` if it is an initializer or a ``Constant`` output."""
-    if value is None:
-        return None
+    if value is None or value.is_graph_input():
+        return None  # an initializer that is also a graph input can be overridden: not constant
     if value.const_value is not None:
         return value.const_value.numpy()
     producer = value.producer()
@@ -55,10 +55,17 @@ def _value_names(graph: ir.Graph) -> set[str]:
     return names
 
 
-def add_initializer(graph: ir.Graph, name: str, array: np.ndarray, pass_name: str) -> ir.Value:
-    """Register ``array`` as a new initializer named ``name`` (made unique); return its value."""
-    unique = unique_name(graph, name)
-    value = ir.Value(name=unique, const_value=ir.tensor(array, name=unique))
+def add_initializer(
+    graph: ir.Graph, name: str, array: np.ndarray, pass_name: str, taken: set[str] | None = None
+) -> ir.Value:
+    """Register ``array`` as a new initializer named ``name`` (made unique); return its value.
+
+    A pass adding many initializers passes ``taken`` (the names in use, updated here) so that
+    each call is O(1) instead of scanning the graph.
+    """
+    unique = unique_name(graph, name, taken)
+    # ir.Tensor directly: ir.tensor()'s protocol checks cost ~60 µs per call on long graphs
+    value = ir.Value(name=unique, const_value=ir.Tensor(np.asarray(array), name=unique))
     value.shape = ir.Shape(array.shape)
     value.dtype = value.const_value.dtype
     graph.register_initializer(value)

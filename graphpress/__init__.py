@@ -23,9 +23,12 @@ from graphpress.graph import (
     VerificationError,
     capture,
     clone,
+    diff,
+    format,
     kind,
     load,
     save,
+    summary,
 )
 from graphpress.passes import OptimizeResult, Pass, PassManager, PassResult, Report, optimize
 
@@ -49,6 +52,8 @@ __all__ = [
     "VerificationError",
     "capture",
     "clone",
+    "diff",
+    "format",
     "export",
     "graph",
     "kind",
@@ -56,4 +61,5 @@ __all__ = [
     "optimize",
     "passes",
     "save",
+    "summary",
 ]

@@ -3,17 +3,43 @@
 Each row holds the pass spec, whether it modified the graph, nodes/params/bytes before and
 after, wall seconds and the pass's own stats. The compression ratio of the whole run is
 ``bytes_before / bytes_after`` of the first and last rows (r = uncompressed / compressed).
+
+``to_html`` writes one self-contained page (inline CSS, inline SVG, no script, nothing
+fetched): the pass table, the ratio, the before→after diff and the drawn graph. Every piece
+of text goes through ``html.escape``; ``save_html`` writes it atomically.
 """
 
 from __future__ import annotations
 
+import html
 import json
+import logging
+import os
+import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from graphpress.graph.analysis import Measure
+from graphpress.graph.html import to_svg
+from graphpress.graph.kind import Graph, kind
+from graphpress.graph.printing import diff, summary
 
 __all__ = ["PassRecord", "Report"]
+
+logger = logging.getLogger(__name__)
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
+table { border-collapse: collapse; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
+th { background: #f2f2f2; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+tr.changed td.changed { color: #0a6b2d; font-weight: bold; }
+pre { background: #fafafa; border: 1px solid #ddd; padding: 0.6em; overflow-x: auto; }
+.diff .add { color: #0a6b2d; } .diff .del { color: #a31515; } .diff .mod { color: #8a5a00; }
+.graph { overflow: auto; border: 1px solid #ddd; max-height: 80vh; }
+"""
 
 
 @dataclass(frozen=True)
@@ -39,8 +65,10 @@ class Report:
     @property
     def compression_ratio(self) -> float:
         """Bytes of constants before the first pass divided by bytes after the last."""
-        if not self.records or self.records[-1].after.bytes == 0:
+        if not self.records:
             return 1.0
+        if self.records[-1].after.bytes == 0:
+            return float("inf") if self.records[0].before.bytes else 1.0
         return self.records[0].before.bytes / self.records[-1].after.bytes
 
     @property
@@ -83,6 +111,78 @@ class Report:
 
     def __str__(self) -> str:
         return self.table()
+
+    def to_html(self, before: Graph | None = None, after: Graph | None = None) -> str:
+        """One self-contained HTML page: pass table, ratio, diff (both graphs given), drawing."""
+        esc = html.escape
+        head = "".join(f"<th>{h}</th>" for h in _HEADER)
+        parts = [
+            f'<h1>graphpress report</h1><p class="ratio">{esc(self.kind or "?")} graph, '
+            f"{len(self.records)} passes in {self.seconds:.2f} s; compression ratio "
+            f"<b>{self.compression_ratio:.2f}x</b></p>",
+            f'<h2>Passes</h2><table class="passes"><thead><tr>{head}</tr></thead>'
+            f"<tbody>{''.join(_html_row(r) for r in self.records)}</tbody></table>",
+        ]
+        if after is not None:
+            text = esc(str(summary(after, before)))
+            parts.append(f'<h2>Summary</h2><pre class="summary">{text}</pre>')
+        if before is not None and after is not None:
+            if kind(before) != kind(after):
+                note = f"no diff: before is {kind(before)}, after is {kind(after)}"
+                parts.append(f'<h2>Diff</h2><p class="note">{esc(note)}</p>')
+            else:
+                lines = "\n".join(
+                    f'<span class="{_DIFF_CLASS[tag]}">{esc(text)}</span>'
+                    for tag, text in diff(before, after).lines()
+                )
+                parts.append(f'<h2>Diff</h2><pre class="diff">{lines}</pre>')
+        drawn, which = (after, "after") if after is not None else (before, "before")
+        if drawn is not None:
+            parts.append(f'<h2>Graph ({which})</h2><div class="graph">{to_svg(drawn)}</div>')
+        return (
+            '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f"<title>graphpress report</title><style>{_CSS}</style></head>\n<body>\n"
+            + "\n".join(parts)
+            + "\n</body></html>\n"
+        )
+
+    def save_html(
+        self, path: str | os.PathLike, before: Graph | None = None, after: Graph | None = None
+    ) -> Path:
+        """Write :meth:`to_html` to ``path`` atomically (temp file in the same folder, then rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = self.to_html(before, after)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(text)
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is meant to be shared
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        logger.debug("wrote report %s", path)
+        return path
+
+
+_HEADER = ("pass", "changed", "nodes", "params", "bytes", "seconds", "stats")
+_DIFF_CLASS = {"+": "add", "-": "del", "~": "mod", " ": "head"}
+
+
+def _html_row(r: PassRecord) -> str:
+    esc = html.escape
+    stats = ", ".join(f"{k}={_num(v)}" for k, v in r.stats.items())
+    cells = (
+        f'<td class="spec">{esc(r.spec)}</td>',
+        f'<td class="changed">{"yes" if r.modified else "no"}</td>',
+        f'<td class="num">{r.before.nodes}→{r.after.nodes}</td>',
+        f'<td class="num">{esc(_num(r.before.params))}→{esc(_num(r.after.params))}</td>',
+        f'<td class="num">{esc(_bytes(r.before.bytes))}→{esc(_bytes(r.after.bytes))}</td>',
+        f'<td class="num">{r.seconds:.3f}</td>',
+        f'<td class="stats">{esc(stats)}</td>',
+    )
+    return f'<tr class="{"changed" if r.modified else "same"}">{"".join(cells)}</tr>'
 
 
 def _num(value: float) -> str:

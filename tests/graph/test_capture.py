@@ -25,8 +25,8 @@ def test_capture_minilm_matches_eager(minilm):
         assert _max_diff(gm(**inputs), model(**inputs)) < 1e-5
 
 
-def test_capture_llama_decoder_matches_eager(llama):
-    model, inputs = llama
+def test_capture_llama_decoder_matches_eager(llama_model):
+    model, inputs = llama_model
     gm = capture(model, (), inputs)
     assert is_canonical_fx(gm)
     with torch.inference_mode():

