@@ -19,6 +19,8 @@ Parity checks live in :mod:`graphpress.export.parity`, the ORT legality check
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import os
 import tempfile
@@ -129,6 +131,8 @@ def session(
 ) -> Session:
     """Build an ORT session, CUDA first by default; see :class:`Session` for what it reports."""
     requested = resolve_providers(providers)
+    if CUDA in requested and CUDA not in _unavailable and not _cuda_loadable():
+        _unavailable.add(CUDA)  # skip ORT's own console error; reported as fell_back below
     asked = [p for p in requested if p not in _unavailable] or [CPU]
     options = ort.SessionOptions()
     if intra_op_threads is not None:
@@ -161,6 +165,25 @@ def session(
             ", ".join(got),
         )
     return result
+
+
+@functools.lru_cache(maxsize=1)
+def _cuda_loadable() -> bool:
+    """Whether ORT's CUDA provider library and the CUDA/cuDNN libraries it needs can load.
+
+    Asking ORT for a provider whose libraries are missing makes it print an error to the
+    console on every session; ``dlopen``-ing the provider library ourselves finds the same
+    answer quietly (the reason is logged at debug level).
+    """
+    library = Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so"
+    if not library.exists():
+        return CUDA in ort.get_available_providers()  # other platforms: let ORT decide
+    try:
+        ctypes.CDLL(str(library))
+    except OSError as exc:
+        logger.debug("CUDA provider cannot load: %s", exc)
+        return False
+    return True
 
 
 def _source(model: Any, tmp: Path) -> str | bytes:

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from graphpress.graph.errors import GraphpressError
@@ -66,10 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    _configure_logging(args.verbose)
     try:
         return _COMMANDS[args.command](args)
     except GraphpressError as exc:
@@ -79,6 +77,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("graphpress: interrupted", file=sys.stderr)
         return 130
+
+
+def _configure_logging(verbose: bool) -> None:
+    """The CLI owns the console: our log level, and quieter torch/ORT unless --verbose."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if not verbose:
+        import onnxruntime
+
+        onnxruntime.set_default_logger_severity(3)  # ORT's own console: errors only
+        for name in ("torch.onnx", "torch._export", "torch.export", "onnxscript"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", category=FutureWarning)  # torch/transformers churn
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -142,6 +156,11 @@ def _passes(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from graphpress.demo import run_demo
+
+    if args.no_progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
     result = run_demo(Path(args.out), sentences=args.sentences, progress=not args.no_progress)
     print(result.text())

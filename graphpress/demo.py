@@ -45,6 +45,7 @@ class DemoResult:
     ort_ms_b16: float
     torch_ms_b16: float
     providers: tuple[str, ...]
+    requested: tuple[str, ...]
     report: Report
 
     @property
@@ -62,10 +63,12 @@ class DemoResult:
                 f"{self.compression_ratio:.2f}x",
                 f"parity       cosine of sentence embeddings vs torch eager on "
                 f"{self.sentences} real sentences: mean {self.cosine_mean:.6f}, "
-                f"min {self.cosine_min:.6f}",
-                f"latency      16x128 batch: ONNX Runtime {self.ort_ms_b16:.1f} ms, torch eager "
-                f"{self.torch_ms_b16:.1f} ms ({self.torch_ms_b16 / self.ort_ms_b16:.2f}x)",
-                f"providers    {', '.join(self.providers)}",
+                f"min {self.cosine_min:.8f} (1 - cos: {1 - self.cosine_min:.1e})",
+                f"latency      16x128 batch, median: ONNX Runtime {self.ort_ms_b16:.1f} ms, "
+                f"torch eager {self.torch_ms_b16:.1f} ms (ORT/torch = "
+                f"{self.ort_ms_b16 / self.torch_ms_b16:.2f})",
+                f"providers    got {', '.join(self.providers)} (asked for "
+                f"{', '.join(self.requested)})",
             ]
         )
 
@@ -144,5 +147,6 @@ def run_demo(out_dir: Path, *, sentences: int = 64, progress: bool = True) -> De
         ort_ms_b16=ort_ms,
         torch_ms_b16=torch_ms,
         providers=tuple(session.providers),
+        requested=tuple(session.requested),
         report=result.report,
     )
