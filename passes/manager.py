@@ -3,8 +3,11 @@
 ``optimize`` normalises the input (a path, bytes or ``ModelProto`` is loaded to an
 ``onnx_ir.Model``; an ``fx.GraphModule`` must be in the canonical aten dialect), copies its
 structure once (tensors shared) so the caller's graph never changes, then runs each pass with
-instruments around it, verifies the graph after every pass (``verify="each"``), only at the
-end (``"end"``) or never (``"off"``), and records a :class:`Report`.
+instruments around it, verifies the graph, and records a :class:`Report`. Verification
+(``graph.verify``): ``"each"`` checks the structure (use-before-def, names, FX lint) after
+every pass that changed the graph and runs the ONNX checker once on the final graph (it
+serialises the whole model, too costly to repeat per pass on 100k-node graphs); ``"end"`` does
+both only at the end; ``"off"`` skips verification.
 
 Items in ``passes`` may be string specs, :class:`Pass` objects, or ``onnx_ir`` in-place
 passes (``onnx_ir.passes.common.*Pass()``), which run on ONNX graphs like our own.
@@ -24,7 +27,12 @@ import onnx_ir as ir
 from torch import fx, nn
 
 from graphpress.graph.analysis import measure
-from graphpress.graph.errors import PassSpecError, PreconditionError, UnsupportedGraphError
+from graphpress.graph.errors import (
+    PassSpecError,
+    PreconditionError,
+    UnsupportedGraphError,
+    VerificationError,
+)
 from graphpress.graph.io import load
 from graphpress.graph.kind import Graph, clone, is_canonical_fx, kind
 from graphpress.graph.verify import verify as verify_graph
@@ -101,7 +109,7 @@ class PassManager:
         for pass_ in self.passes:  # fail before any work if a pass cannot handle this kind
             pass_.check_kind(graph_kind)
         if self.verify != "off":
-            verify_graph(graph)
+            _verify(graph, "the input graph", checker=False)
         records = []
         current = measure(graph)
         for pass_ in self.passes:
@@ -111,7 +119,7 @@ class PassManager:
             result = pass_(graph, calibration=calibration)
             seconds = time.perf_counter() - start
             if self.verify == "each" and result.modified:
-                verify_graph(graph)
+                _verify(graph, f"pass {pass_.spec()!r}", checker=False)
             after = measure(graph) if result.modified else current
             records.append(
                 PassRecord(
@@ -123,10 +131,19 @@ class PassManager:
             for instrument in self.instruments:
                 instrument.after_pass(pass_, graph, result)
             current = after
-        if self.verify == "end":
-            verify_graph(graph)
+        modified_by = [r.spec for r in records if r.modified]
+        if self.verify != "off" and modified_by:
+            _verify(graph, f"passes {', '.join(modified_by)}", checker=True)
         report = Report(tuple(records), graph_kind)
         return OptimizeResult(graph, any(r.modified for r in records), report)
+
+
+def _verify(graph: Graph, after: str, *, checker: bool) -> None:
+    """Verify ``graph``; a failure names what produced it."""
+    try:
+        verify_graph(graph, checker=checker)
+    except VerificationError as exc:
+        raise VerificationError(f"after {after}: {exc}") from None
 
 
 def _as_graph(graph: Any) -> tuple[Graph, bool]:
