@@ -30,11 +30,22 @@ from graphpress.graph import (
     save,
     summary,
 )
-from graphpress.passes import OptimizeResult, Pass, PassManager, PassResult, Report, optimize
+from graphpress.passes import (
+    CalibrationTable,
+    OptimizeResult,
+    Pass,
+    PassManager,
+    PassResult,
+    Report,
+    calibrate,
+    optimize,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CalibrationTable",
+    "calibrate",
     "CaptureError",
     "ExportError",
     "GraphpressError",
