@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import types
 import typing
 from typing import Any
 
@@ -40,7 +41,11 @@ def registered() -> dict[str, type[Pass]]:
 
 
 def _load_builtin_passes() -> None:
-    from . import cleanup, fold  # noqa: F401 (importing registers the passes)
+    from . import (  # noqa: F401 (importing registers the passes)
+        cleanup,
+        fold,
+        quantize,
+    )
 
 
 def _suggest(word: str, choices) -> str:
@@ -88,7 +93,7 @@ def from_spec(spec: str | Pass) -> Pass:
 def _parse_value(pass_name: str, key: str, raw: str, hint: Any) -> Any:
     origin = typing.get_origin(hint)
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if origin is typing.Union and len(args) == 1:
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:
         if raw.lower() in ("none", "null", ""):
             return None
         hint, origin = args[0], typing.get_origin(args[0])

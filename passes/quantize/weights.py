@@ -1,0 +1,229 @@
+"""quantize-weights: block-wise weight-only quantization (8/4/2 bits) to ORT's ``MatMulNBits``.
+
+Every constant weight ``W_nk`` ``[N, K]`` of a linear layer (and of an embedding table) is cut
+into blocks of ``block_size`` along ``K`` (the last block zero-padded, so any ``K`` works) with a
+scale and, if asymmetric, a zero point per block; ``Ŵ = (q − z)·s``
+(math and packing: ``_blockwise``). The codes come from round-to-nearest with an MSE-optimal
+clip (``rtn``), from GPTQ with act-order on the Hessian ``H = 2XᵀX/n`` of the layer's
+calibration inputs (``gptq``), or from an AWQ-style activation-aware scaling ``x/s``,
+``W·diag(s)`` (``awq``; math: ``_gptq``). A weight is quantized only where its packed form is
+smaller than the float tensor, so the model never grows.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from graphpress.graph.errors import PassSpecError, PreconditionError
+
+from .._collect import collect
+from .._rewrite import drop_unused_constants, remove_node_onnx, value_names
+from ..base import Pass, PassResult
+from ..registry import register
+from ._blockwise import BlockQuant, packed_bytes, quantize_rtn
+from ._gptq import InputStats, awq_scales, gptq
+from ._nbits_onnx import MS, Packed, Site, find_sites, rewrite_site
+
+__all__ = ["QuantizeWeights", "quantize_sites"]
+
+logger = logging.getLogger(__name__)
+
+
+@register
+@dataclass(frozen=True)
+class QuantizeWeights(Pass):
+    """Quantize linear and embedding weights block-wise to 8/4/2 bits (weight-only).
+
+    **Rules**
+      1. ONNX ``MatMul(x, W)`` / ``Gemm(x, W[, C])`` with a constant 2-D float ``W`` (also
+         ``Transpose(E)``) → ``com.microsoft::MatMulNBits(x, B, scales[, zero_points])``
+         (``+ Add(C·beta)`` for a Gemm bias); FX ``aten.linear(x, W, b)`` → ``linear`` of a
+         dequantized weight computed from packed uint8 storage.
+      2. With ``embeddings``: ONNX ``Gather(E, ids)`` (axis 0, constant 2-D ``E``) →
+         ``com.microsoft::GatherBlockQuantized`` (+ ``Slice`` when ``K`` is not a multiple of
+         the block); FX ``aten.embedding(E, ids)`` → the same on gathered rows.
+      3. A constant used by several sites (tied embedding/LM head) is quantized once (RTN) and
+         its packed tensors are shared.
+      4. ``gptq``: codes by GPTQ (act-order optional) on each layer's calibration Hessian;
+         ``awq``: layers reading the same input share one scale ``s`` and one new
+         ``Mul(x, 1/s)``. Shared weights fall back to Rule 3.
+      5. Skipped: names matching ``exclude`` (fnmatch, node or weight name), ``K < 16`` and
+         weights whose packed form is not smaller than the float tensor.
+
+    **Requires** calibration batches for ``gptq``/``awq``. **Ensures** the graph interface is
+    unchanged.
+    """
+
+    name: ClassVar[str] = "quantize-weights"
+    bits: int = 4
+    block_size: int = 32
+    algorithm: Literal["rtn", "gptq", "awq"] = "rtn"
+    symmetric: bool = False
+    embeddings: bool = True
+    act_order: bool = True
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.bits not in (2, 4, 8):
+            raise PassSpecError(f"quantize-weights: bits={self.bits} must be 2, 4 or 8")
+        b = self.block_size
+        if b < 16 or b > 256 or b & (b - 1):
+            raise PassSpecError(
+                f"quantize-weights: block_size={b} must be a power of two in 16..256")
+
+    @property
+    def needs_calibration(self) -> bool:  # overrides the ClassVar: only GPTQ/AWQ need data
+        return self.algorithm != "rtn"
+
+    def run_onnx(self, model: ir.Model, calibration: Any = None) -> PassResult:
+        start = time.perf_counter()
+        sites = find_sites(model, embeddings=self.embeddings, exclude=self.exclude)
+        stats = quantize_sites(model, sites, self._quantizer, self.name, "wq", self._plan(
+            model, sites, calibration), bits=self.bits, block_size=self.block_size,
+            symmetric=self.symmetric)
+        stats["seconds"] = time.perf_counter() - start
+        return PassResult(model, stats["weights_quantized"] > 0, stats)
+
+    def run_fx(self, gm, calibration: Any = None) -> PassResult:
+        from ._nbits_fx import quantize_fx
+
+        if self.algorithm != "rtn":
+            raise PreconditionError(
+                f"quantize-weights: algorithm={self.algorithm} is implemented for ONNX only; "
+                "export with graphpress.export.to_onnx first, or use algorithm=rtn on FX")
+        return quantize_fx(gm, lambda w: quantize_rtn(w, self.bits, self.block_size,
+                                                        self.symmetric),
+                           self.name, embeddings=self.embeddings, exclude=self.exclude)
+
+    def _quantizer(self, w: np.ndarray, stats: InputStats | None) -> BlockQuant:
+        if self.algorithm == "gptq" and stats is not None:
+            return gptq(w, stats.hessian, self.bits, self.block_size, self.symmetric,
+                        act_order=self.act_order)
+        return quantize_rtn(w, self.bits, self.block_size, self.symmetric)
+
+    def _plan(self, model: ir.Model, sites: list[Site], calibration: Any) -> dict[str, Any]:
+        """Calibration statistics per activation name for the unshared linear sites."""
+        if self.algorithm == "rtn":
+            return {}
+        uses: dict[tuple, int] = {}
+        for site in sites:
+            uses[site.key] = uses.get(site.key, 0) + 1
+        names = sorted({s.x.name for s in sites if s.op != "gather" and uses[s.key] == 1})
+        found: dict[str, InputStats] = {}
+
+        def consume(name: str, array: np.ndarray) -> None:
+            if name not in found:
+                found[name] = InputStats(array.shape[-1], need_hessian=self.algorithm == "gptq")
+            found[name].update(array)
+
+        if names:
+            collect(model, calibration, names, consume)
+        return {"stats": found, "awq": self.algorithm == "awq"}
+
+
+def quantize_sites(model: ir.Model, sites: list[Site], quantizer: Callable, pass_name: str,
+                   tag: str, plan: dict[str, Any], *, bits: int, block_size: int,
+                   symmetric: bool) -> dict[str, float]:
+    """Quantize ``sites`` (grouped by weight) and rewrite them; return the stats."""
+    graph, taken = model.graph, value_names(model)
+    groups: dict[tuple, list[Site]] = {}
+    for site in sites:
+        groups.setdefault(site.key, []).append(site)
+    found: dict[str, InputStats] = plan.get("stats", {})
+    stats = {"weights_quantized": 0, "embeddings_quantized": 0, "skipped_small": 0,
+             "shared_weights": 0, "weight_bytes_before": 0, "weight_bytes_after": 0}
+    todo: list[tuple[list[Site], np.ndarray]] = []
+    for group in groups.values():
+        w = group[0].weight()
+        n, k = w.shape
+        fp16 = all(site.op == "gather" for site in group)
+        after = packed_bytes(n, k, bits, block_size, symmetric, 2 if fp16 else w.dtype.itemsize)
+        if k < 16 or after >= w.nbytes:  # Rule 5: never bigger
+            stats["skipped_small"] += 1
+            continue
+        stats["weight_bytes_before"] += w.nbytes
+        stats["weight_bytes_after"] += after
+        stats["shared_weights"] += len(group) > 1
+        todo.append((group, w))
+    scaled = _awq(graph, todo, found, bits, block_size, symmetric, pass_name, taken,
+                  stats) if plan.get("awq") else {}
+    errors, rtn_errors = [], []
+    for group, w in todo:
+        x_stats = found.get(group[0].x.name) if len(group) == 1 else None
+        scale = scaled.get(id(group[0].node))
+        if scale is not None:  # Rule 4 (awq): W·diag(s) by RTN, x/s by the new Mul
+            bq = quantize_rtn(w * scale[0][None, :], bits, block_size, symmetric)
+        else:
+            bq = quantizer(w, x_stats)
+        if x_stats is not None and x_stats.sample:
+            errors.append(_output_error(x_stats, w, bq, None if scale is None else scale[0]))
+            rtn_errors.append(_output_error(x_stats, w, quantize_rtn(w, bits, block_size,
+                                                                     symmetric), None))
+        dtype = w.dtype
+        if all(site.op == "gather" for site in group) and dtype == np.float32:
+            dtype = np.dtype(np.float16)  # gathered rows only: fp16 scales, then Cast
+            bq = replace(bq, scales=bq.scales.astype(np.float16).astype(np.float32))
+        packed = Packed(bq, dtype)
+        for site in group:  # Rules 1-3
+            x = scale[1] if scale is not None else site.node.inputs[1 if site.op == "gather" else 0]
+            rewrite_site(graph, site, packed, x, pass_name, tag, taken)
+            stats["embeddings_quantized" if site.op == "gather" else "weights_quantized"] += 1
+    for group, _ in todo:
+        for site in group:
+            for value in site.extra:  # a Transpose nobody reads any more
+                producer = value.producer()
+                if producer is not None and not value.uses() and not value.is_graph_output():
+                    remove_node_onnx(producer)
+        drop_unused_constants([group[0].source])
+    if todo:
+        model.opset_imports.setdefault(MS, 1)
+    if errors:
+        stats["output_error_mean"] = float(np.mean(errors))
+        stats["rtn_output_error_mean"] = float(np.mean(rtn_errors))
+    stats["weight_ratio"] = stats["weight_bytes_before"] / max(stats["weight_bytes_after"], 1)
+    stats["weights_quantized"] += stats["embeddings_quantized"]
+    return stats
+
+
+def _output_error(x_stats: InputStats, w: np.ndarray, bq: BlockQuant, s) -> float:
+    """Relative layer output error ``‖XŴᵀ − XWᵀ‖/‖XWᵀ‖`` on the sampled calibration rows."""
+    x = x_stats.rows_sample()
+    ref = x @ w.T.astype(np.float64)
+    deq = bq.dequantize().astype(np.float64)
+    got = (x / s) @ deq.T if s is not None else x @ deq.T
+    return float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def _awq(graph, todo, found, bits, block_size, symmetric, pass_name, taken, stats):
+    """Rule 4 (awq): one scale per input shared by its unshared linear sites."""
+    from graphpress.graph.onnx import add_initializer, mark, unique_name
+
+    by_input: dict[str, list[tuple[Site, np.ndarray]]] = {}
+    for group, w in todo:
+        if len(group) == 1 and group[0].op != "gather" and group[0].x.name in found:
+            by_input.setdefault(group[0].x.name, []).append((group[0], w))
+    scaled, alphas = {}, []
+    for name, members in by_input.items():
+        s, alpha, _ = awq_scales([w for _, w in members], found[name], bits, block_size, symmetric)
+        alphas.append(alpha)
+        if alpha == 0.0:
+            continue  # plain RTN is best: no Mul
+        x = members[0][0].x
+        inv = add_initializer(graph, f"{name}.awq.inv_scale", (1.0 / s).astype(
+            members[0][1].dtype), pass_name, taken)
+        out = ir.Value(name=unique_name(graph, f"{name}.awq.scaled", taken), type=x.type,
+                       shape=x.shape)
+        node = mark(ir.node("Mul", [x, inv], outputs=[out],
+                            name=unique_name(graph, f"{name}.awq.mul", taken)), pass_name)
+        graph.insert_before(members[0][0].node, node)
+        for site, _ in members:
+            scaled[id(site.node)] = (s, out)
+    stats["awq_alpha_mean"] = float(np.mean(alphas)) if alphas else 0.0
+    return scaled
