@@ -40,9 +40,11 @@ logger = logging.getLogger("benchmarks.quantization")
 #: (label, quantizer kind, parameter): ours take a pass spec.
 VARIANTS = [
     ("ORT quantize_dynamic int8 per-channel", "ort-dynamic", None),
-    ("ORT quantize_static QDQ u8/s8 MinMax per-channel, all ops", "ort-static", None),
-    ("ORT MatMulNBits 4-bit b32 RTN (+Gather)", "ort-nbits", "rtn"),
-    ("ORT MatMulNBits 4-bit b32 GPTQ", "ort-nbits", "gptq"),
+    ("ORT quantize_static QDQ u8/s8 MinMax per-channel, all ops", "ort-static", "MinMax"),
+    ("ORT quantize_static QDQ u8/s8 Entropy per-channel, all ops", "ort-static", "Entropy"),
+    ("ORT MatMulNBits 4-bit b32 RTN (+Gather)", "ort-nbits", ("rtn", 32)),
+    ("ORT MatMulNBits 4-bit b128 RTN (+Gather)", "ort-nbits", ("rtn", 128)),
+    ("ORT MatMulNBits 4-bit b32 GPTQ", "ort-nbits", ("gptq", 32)),
     ("ours quantize-dynamic", "ours", "quantize-dynamic"),
     ("ours quantize-dynamic int8 blocks of 128 (MatMulNBits)", "ours",
      "quantize-dynamic:block_size=128"),
@@ -53,6 +55,8 @@ VARIANTS = [
      "quantize-weights:bits=4,block_size=32,algorithm=gptq,embeddings=true"),
     ("ours quantize-weights 4-bit b32 AWQ", "ours",
      "quantize-weights:bits=4,block_size=32,algorithm=awq,embeddings=true"),
+    ("ours quantize-weights 4-bit b128 GPTQ", "ours",
+     "quantize-weights:bits=4,block_size=128,algorithm=gptq,embeddings=true"),
     ("ours quantize-ternary", "ours", "quantize-ternary"),
 ]
 
@@ -105,17 +109,18 @@ def quantize_job(kind: str, param, src: str, dst: str, calib: str, *, prepare_on
     elif kind == "ort-static":
         q.quantize_static(src, dst, _Reader(_calibration(calib)), quant_format=q.QuantFormat.QDQ,
                           activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
-                          per_channel=True, calibrate_method=q.CalibrationMethod.MinMax)
+                          per_channel=True, calibrate_method=getattr(q.CalibrationMethod, param))
     else:
-        if param == "gptq":
+        algorithm, block = param
+        if algorithm == "gptq":
             config = nbits.GPTQWeightOnlyQuantConfig(
-                calibration_data_reader=_Reader(_calibration(calib)), block_size=32)
+                calibration_data_reader=_Reader(_calibration(calib)), block_size=block)
         else:
             config = nbits.DefaultWeightOnlyQuantConfig(
-                block_size=32, is_symmetric=True, op_types_to_quantize=("MatMul", "Gather"),
+                block_size=block, is_symmetric=True, op_types_to_quantize=("MatMul", "Gather"),
                 quant_axes=(("MatMul", 0), ("Gather", 1)))
-        quantizer = nbits.MatMulNBitsQuantizer(onnx.load(src), block_size=32, is_symmetric=True,
-                                               algo_config=config)
+        quantizer = nbits.MatMulNBitsQuantizer(onnx.load(src), block_size=block,
+                                               is_symmetric=True, algo_config=config)
         quantizer.process()
         quantizer.model.save_model_to_file(dst, use_external_data_format=False)
 

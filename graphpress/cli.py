@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="compress all-MiniLM-L6-v2 end to end and report")
     demo.add_argument("--out", default="graphpress-demo", help="folder for the ONNX files")
     demo.add_argument("--sentences", type=int, default=64, help="real sentences for parity")
+    demo.add_argument("-p", "--pass", dest="passes", action="append", metavar="SPEC",
+                      help="compression pass for the ONNX model (default: quantize-dynamic); "
+                      "repeatable, e.g. -p insert-qdq")
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
 
@@ -155,14 +158,19 @@ def _passes(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from graphpress.demo import run_demo
+    from graphpress.demo import COMPRESS_PASSES, run_demo
 
     if args.no_progress:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
 
-    result = run_demo(Path(args.out), sentences=args.sentences, progress=not args.no_progress)
+    result = run_demo(
+        Path(args.out),
+        sentences=args.sentences,
+        compress=args.passes or COMPRESS_PASSES,
+        progress=not args.no_progress,
+    )
     print(result.text())
     return 0
 
