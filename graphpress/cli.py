@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("-o", "--output", required=True, help="where to write the optimised .onnx")
     opt.add_argument("--report", help="also write a single-file HTML report here")
     opt.add_argument("--json-report", help="also write the report as JSON here")
+    opt.add_argument("--calibration", metavar="NPZ",
+                     help="calibration inputs for passes that need them: an .npz with one "
+                     "array per model input (rows = samples)")
+    opt.add_argument("--calibration-batch", type=int, default=8, metavar="N",
+                     help="rows per calibration batch (default 8)")
     opt.add_argument("--verify", choices=("each", "end", "off"), default="each")
     opt.add_argument("--external-data", choices=("auto", "yes", "no"), default="auto",
                      help="store large weights in OUTPUT.data (auto: above 1 GiB)")
@@ -123,7 +128,12 @@ def _optimize(args: argparse.Namespace) -> int:
             "overwritten)"
         )
     original = graph.load(source)
-    result = optimize(original, args.passes, verify=args.verify)
+    calibration = (
+        _load_calibration(Path(args.calibration), args.calibration_batch)
+        if args.calibration
+        else None
+    )
+    result = optimize(original, args.passes, verify=args.verify, calibration=calibration)
     external = {"auto": None, "yes": True, "no": False}[args.external_data]
     graph.save(result.graph, output, external_data=external)
     print(result.report)
@@ -133,6 +143,32 @@ def _optimize(args: argparse.Namespace) -> int:
         _write_text_atomic(Path(args.json_report), result.report.to_json())
     print(f"wrote {output}")
     return 0
+
+
+def _load_calibration(path: Path, batch: int) -> list[dict]:
+    """Split the arrays of an .npz (one per model input, rows = samples) into batches."""
+    import zipfile
+
+    import numpy as np
+
+    if batch < 1:
+        raise GraphpressError(f"--calibration-batch must be at least 1, got {batch}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise GraphpressError(
+            f"{path}: cannot read calibration data ({exc}); pass an .npz written by "
+            "numpy.savez with one array per model input"
+        ) from None
+    rows = {len(a) for a in arrays.values()}
+    if not arrays or len(rows) != 1:
+        raise GraphpressError(
+            f"{path}: calibration arrays must be non-empty and have the same number of rows "
+            f"(got {sorted(rows) or 'no arrays'})"
+        )
+    total = rows.pop()
+    return [{k: v[i : i + batch] for k, v in arrays.items()} for i in range(0, total, batch)]
 
 
 def _diff(args: argparse.Namespace) -> int:

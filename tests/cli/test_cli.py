@@ -158,3 +158,25 @@ def _external(folder, location: str):
         entry.key, entry.value = key, value
     (folder.parent / "secret.bin").write_bytes(b"\0" * 48)
     return _write(folder / "evil.onnx", proto.SerializeToString())
+
+
+def test_optimize_with_calibration_file(model_path, tmp_path, capsys):
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((4, 4)).astype(np.float32))
+    out = tmp_path / "q.onnx"
+    code = main(["optimize", str(model_path), "-p", "insert-qdq:keep_float=0,smoothquant=none",
+                 "-o", str(out), "--calibration", str(data), "--calibration-batch", "2"])
+    assert code == 0, capsys.readouterr().err
+    ops = {n.op_type for n in onnx.load(out).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+
+
+def test_calibrating_pass_without_data_and_bad_calibration_file(model_path, tmp_path, capsys):
+    out = tmp_path / "q.onnx"
+    assert main(["optimize", str(model_path), "-p", "insert-qdq", "-o", str(out)]) == 2
+    assert "calibration" in _error_line(capsys)
+    bad = _write(tmp_path / "bad.npz", b"not a zip")
+    assert main(["optimize", str(model_path), "-p", "insert-qdq", "-o", str(out),
+                 "--calibration", str(bad)]) == 2
+    assert "cannot read calibration data" in _error_line(capsys)
+    assert not out.exists()
