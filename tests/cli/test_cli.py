@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -180,3 +181,13 @@ def test_calibrating_pass_without_data_and_bad_calibration_file(model_path, tmp_
                  "--calibration", str(bad)]) == 2
     assert "cannot read calibration data" in _error_line(capsys)
     assert not out.exists()
+
+
+def test_clean_onnx_file_sample_runs(model_path, tmp_path):
+    sample = Path(__file__).resolve().parents[2] / "samples" / "clean_onnx_file.py"
+    out, report = tmp_path / "clean.onnx", tmp_path / "report.html"
+    proc = subprocess.run([sys.executable, str(sample), str(model_path), str(out), str(report)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert [n.op_type for n in onnx.load(out).graph.node] == ["MatMul", "Relu"]
+    assert "<svg" in report.read_text() and "removed" in proc.stdout
