@@ -26,6 +26,10 @@ the whole model no faster than fp32, so the default is the per-channel form (``b
 Embedding tables (``Gather`` of a constant float K×D table on axis 0) become int8 per row
 ``v`` (``s_v = max_d |E_vd| / 127``); the rows are gathered first and dequantized after
 (``Cast(Gather(q, ids)) · Gather(s, ids)``), so only the looked-up rows are ever float.
+
+On aten FX graphs (``_dynamic_fx``) the same int8 weights are dequantized in the graph and the
+activation is fake-quantized with the run-time qparams above, so the FX graph simulates ORT's
+dynamic int8 arithmetic and exports to ``QuantizeLinear``/``DequantizeLinear`` (not fused ops).
 """
 
 from __future__ import annotations
@@ -112,12 +116,19 @@ class QuantizeDynamic(Pass):
       6. Weights left unused are removed. Names: ``<weight>.qdyn.q|scale|zero|bias``,
          ``<node>.qdyn.*`` for nodes.
 
-    **Requires** an ONNX model. **Ensures** no float ``MatMul``/``Gemm`` that rule 1/3 covers
-    remains outside ``exclude``.
+      7. FX (aten) graphs: ``aten.linear``/``mm``/``matmul``/``addmm`` (and ``aten.embedding``)
+         reading a constant float32 weight get int8 buffers ``<weight>_qdyn_q|scale|zero_point``
+         dequantized in the graph, and the activation is fake-quantized to uint8 with
+         qparams computed at run time as ``DynamicQuantizeLinear`` does (``_dynamic_fx``);
+         exported, this is ``QuantizeLinear``/``DequantizeLinear`` around a float ``MatMul``
+         (ORT does not fuse it into ``MatMulInteger``). ``block_size`` is ONNX-only.
+
+    **Requires** an ONNX model, or an aten FX graph with ``block_size=0``. **Ensures** no
+    float layer that rule 1/3/7 covers remains outside ``exclude``.
     """
 
     name: ClassVar[str] = "quantize-dynamic"
-    supports: ClassVar[frozenset[str]] = frozenset({"onnx"})
+    supports: ClassVar[frozenset[str]] = frozenset({"fx", "onnx"})
     block_size: int = 0
     per_channel: bool = True
     symmetric: bool = True
@@ -135,6 +146,8 @@ class QuantizeDynamic(Pass):
             raise PassSpecError(f"quantize-dynamic: min_elements={self.min_elements} must be >= 1")
 
     def requires(self, graph) -> None:
+        if not isinstance(graph, ir.Model):
+            return
         opset = graph.opset_imports.get(MS)
         if opset not in (None, 1):
             raise PreconditionError(
@@ -158,14 +171,29 @@ class QuantizeDynamic(Pass):
         logger.debug("quantize-dynamic: %s", stats)
         return PassResult(model, True, stats)
 
-    def ensures(self, graph) -> None:
-        from ._dynamic_rewrite import Rewriter
+    def run_fx(self, gm) -> PassResult:
+        from ._dynamic_fx import run_fx
 
-        left = Rewriter(self, graph.graph, set()).plan()
+        if self.block_size:
+            raise PreconditionError(
+                f"quantize-dynamic: block_size={self.block_size} (MatMulNBits) is ONNX-only; "
+                "use block_size=0 on FX graphs or export to ONNX first (graphpress.export.to_onnx)"
+            )
+        return run_fx(self, gm)
+
+    def ensures(self, graph) -> None:
+        if isinstance(graph, ir.Model):
+            from ._dynamic_rewrite import Rewriter
+
+            left = [p.node.name for p in Rewriter(self, graph.graph, set()).plan()]
+        else:
+            from ._dynamic_fx import plan_fx
+
+            left = [s.node.name for s in plan_fx(self, graph)]
         if left:
             raise PostconditionError(
                 f"quantize-dynamic left {len(left)} quantizable nodes float "
-                f"(e.g. {left[0].node.name!r}); this is a bug, please report it"
+                f"(e.g. {left[0]!r}); this is a bug, please report it"
             )
 
 

@@ -148,5 +148,5 @@ def test_spec_errors_and_fx_unsupported(h):
     import torch
 
     gm = gp.capture(torch.nn.Linear(4, 4), (torch.randn(2, 4),))
-    with pytest.raises(gp.UnsupportedGraphError):
-        gp.optimize(gm, ["quantize-dynamic"])
+    with pytest.raises(gp.PreconditionError, match="ONNX-only"):  # FX: block_size=0 only
+        gp.optimize(gm, ["quantize-dynamic:block_size=32"])
