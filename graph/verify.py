@@ -55,13 +55,38 @@ def _verify_onnx(model: ir.Model, *, checker: bool) -> None:
         logger.debug("skipping onnx.checker: weights exceed protobuf's 2 GB in memory")
     elif checker:
         try:
-            onnx.checker.check_model(ir.serde.serialize_model(model))
+            onnx.checker.check_model(_without_external_data(ir.serde.serialize_model(model)))
         except onnx.checker.ValidationError as exc:
             first = str(exc).strip().splitlines()[0]
             raise VerificationError(f"ONNX checker rejects the graph: {first}") from None
 
 
 _CHECKER_LIMIT = 1_500_000_000
+
+
+def _without_external_data(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Turn main-graph initializers kept in external files into typed graph inputs.
+
+    The checker resolves external-data locations against the current directory (a proto has
+    no folder), so a model loaded lazily from elsewhere would fail; its data files were
+    already checked by ``graph.load``. As inputs the tensors keep their type and shape, which
+    is all the structural check needs.
+    """
+    graph = proto.graph
+    external = [t for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    if not external:
+        return proto
+    names = {t.name for t in external}
+    kept = [t for t in graph.initializer if t.name not in names]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    declared = {i.name for i in graph.input}
+    graph.input.extend(
+        onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+        for t in external
+        if t.name not in declared
+    )
+    return proto
 
 
 def _weight_bytes(model: ir.Model) -> int:

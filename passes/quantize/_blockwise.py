@@ -8,7 +8,10 @@ and an unsigned zero point ``z``, and codes ``q ∈ [0, 2^b − 1]`` dequantize 
 default ORT assumes when no zero points are given) and ``s = c·absmax/(2^(b−1) − ½)``;
 asymmetric uses ``s = c·(max − min)/(2^b − 1)`` and ``z = round(−c·min/s)`` (both ranges
 include 0). Codes are ``clip(round(W/s) + z, 0, 2^b − 1)``. Each block tries a few clipping
-ratios ``c`` and keeps the one with the smallest squared error (MSE-optimal round-to-nearest).
+ratios ``c`` and keeps the one with the smallest squared error (MSE-optimal round-to-nearest);
+with centred codes ``c_i = q_i − z`` the error is ``s²·Σc² − 2s·Σc·w + Σw²``, two reductions.
+Scales are rounded to float16 (where that is a normal float16) before the codes are chosen, so
+they are stored in half the bytes at no extra error.
 
 Packing follows ONNX Runtime's ``com.microsoft`` ``MatMulNBits``/``GatherBlockQuantized``:
 codes are packed low bits first along ``K``, ``8/b`` codes per byte, into
@@ -31,6 +34,8 @@ __all__ = [
     "block_params",
     "quantize_rtn",
     "search_params",
+    "round_fp16",
+    "fp16_exact",
     "quantize_with",
     "ternary",
     "pack",
@@ -42,7 +47,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_CLIP_GRID = (1.07, 1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+_CLIP_GRID = (1.0, 0.95, 0.9, 0.85)  # wider grids measured no better on MiniLM
+_F16_MIN, _F16_MAX = 2.0**-14, 65504.0
 
 
 @dataclass(frozen=True)
@@ -88,7 +94,18 @@ def block_params(w: np.ndarray, bits: int, symmetric: bool, clip: float = 1.0):
         safe = np.where(scale > 0, scale, 1.0)
         zero = np.clip(np.round(-lo / safe), 0, qmax)
     scale = np.where(scale > 0, scale, 1.0)  # an all-zero block: any scale, codes = zero
-    return scale, zero
+    return round_fp16(scale), zero
+
+
+def round_fp16(scale: np.ndarray) -> np.ndarray:
+    """``scale`` rounded to float16 wherever that is a normal float16."""
+    ok = (scale >= _F16_MIN) & (scale <= _F16_MAX)
+    return np.where(ok, scale.astype(np.float16).astype(scale.dtype), scale)
+
+
+def fp16_exact(scales: np.ndarray) -> bool:
+    """Whether every scale is exactly a float16 (then it is stored as float16)."""
+    return bool(np.array_equal(scales.astype(np.float16).astype(scales.dtype), scales))
 
 
 def quantize_with(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int) -> np.ndarray:
@@ -118,12 +135,38 @@ def quantize_rtn(w: np.ndarray, bits: int, block_size: int, symmetric: bool = Tr
                  search_clip: bool = True) -> BlockQuant:
     """Round-to-nearest block quantization of ``w`` ``[N, K]`` (MSE-optimal clipping)."""
     n, k = w.shape
-    blocks = _pad(np.asarray(w, np.float64), block_size).reshape(n, -1, block_size)
-    scale, zero = search_params(blocks, bits, symmetric, search_clip)
-    q = quantize_with(blocks, scale, zero, bits)
+    blocks = np.ascontiguousarray(_pad(np.asarray(w, np.float32), block_size)).reshape(
+        n, -1, block_size)
+    qmax, half = (1 << bits) - 1, 1 << (bits - 1)
+    if symmetric:
+        hi, lo = np.abs(blocks).max(-1), None
+    else:
+        lo, hi = np.minimum(blocks.min(-1), 0.0), np.maximum(blocks.max(-1), 0.0)
+    best, codes = None, np.empty_like(blocks)
+    for clip in _CLIP_GRID if search_clip else (1.0,):
+        scale = hi * np.float32(clip / (half - 0.5) if symmetric else clip / qmax)
+        if not symmetric:
+            scale = scale - lo * np.float32(clip / qmax)
+        scale = round_fp16(np.where(scale > 0, scale, np.float32(1.0)))
+        zero = np.full_like(scale, half) if symmetric else np.clip(
+            np.round(-lo * np.float32(clip) / scale), 0, qmax)
+        np.round(np.multiply(blocks, (1.0 / scale)[..., None], out=codes), out=codes)
+        np.maximum(codes, -zero[..., None], out=codes)  # centred codes
+        np.minimum(codes, (qmax - zero)[..., None], out=codes)
+        cc = np.einsum("nbk,nbk->nb", codes, codes)
+        cw = np.einsum("nbk,nbk->nb", codes, blocks)
+        err = scale * scale * cc - 2.0 * scale * cw  # + Σw², the same for every clip
+        if best is None:
+            best = (err, scale, zero)
+        else:
+            better = err < best[0]
+            best = tuple(np.where(better, new, old) for new, old in zip((err, scale, zero), best))
+    _, scale, zero = best
+    np.round(np.multiply(blocks, (1.0 / scale)[..., None], out=codes), out=codes)
+    np.add(codes, zero[..., None], out=codes)
+    np.minimum(np.maximum(codes, 0, out=codes), qmax, out=codes)
     return BlockQuant(
-        q=q.reshape(n, -1).astype(np.uint8),
-        scales=scale.astype(np.float32),
+        q=codes.reshape(n, -1).astype(np.uint8), scales=scale.astype(np.float32),
         zero_points=None if symmetric else zero.astype(np.uint8),
         bits=bits, block_size=block_size, k=k,
     )
@@ -140,7 +183,7 @@ def ternary(w: np.ndarray, block_size: int, per_channel: bool = False) -> BlockQ
         counts = np.full(blocks.shape[1], block_size, np.float64)
         counts[-1] = k - block_size * (blocks.shape[1] - 1)
         gamma = np.abs(blocks).sum(-1) / counts
-    gamma = np.where(gamma > 0, gamma, 1.0)
+    gamma = round_fp16(np.where(gamma > 0, gamma, 1.0))
     t = np.clip(np.round(blocks / gamma[..., None]), -1, 1)
     return BlockQuant(q=(t + 2).reshape(n, -1).astype(np.uint8), scales=gamma.astype(np.float32),
                       zero_points=None, bits=2, block_size=block_size, k=k)

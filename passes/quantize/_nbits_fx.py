@@ -69,6 +69,9 @@ def quantize_fx(gm: fx.GraphModule, quantizer: Callable[[np.ndarray], BlockQuant
         if k < 16 or after >= tensor.numel() * tensor.element_size():
             stats["skipped_small"] += 1
             continue
+        if set(weight.users) - {node for node, _ in uses}:  # read elsewhere: stays float, shared
+            stats["skipped_shared_float"] = stats.get("skipped_shared_float", 0) + 1
+            continue
         with gm.graph.inserting_before(uses[0][0]):
             deq = _dequantize_nodes(gm, target, bq, tensor.dtype, pass_name)
         for node, index in uses:

@@ -1,6 +1,10 @@
 """Find block-quantizable weights in an ONNX model and rewrite them to ORT's ``com.microsoft``
 ``MatMulNBits`` / ``GatherBlockQuantized``.
 
+Scales that are exact float16 values are stored as float16: ``GatherBlockQuantized`` then gives
+float16 rows (a ``Cast`` follows) and ``MatMulNBits`` reads them through a ``Cast`` that ORT
+folds into a float32 initializer at load time, so only the file gets smaller.
+
 A *site* is one use of a constant float weight: ``MatMul(x, W)`` (``W`` ``[K, N]``, or
 ``Transpose(E)`` of a constant ``E`` ``[N, K]``, as exporters write a tied LM head),
 ``Gemm(x, W)`` with ``alpha = 1``, ``transA = 0`` (``transB`` either way; ``C·beta`` becomes a
@@ -123,8 +127,8 @@ def _excluded(item: ir.Node | ir.Value, patterns: tuple[str, ...]) -> bool:
 class Packed:
     """The packed tensors of one ``W_nk`` (made on first use, shared by its sites)."""
 
-    def __init__(self, bq: BlockQuant, dtype: np.dtype) -> None:
-        self.bq, self.dtype = bq, dtype
+    def __init__(self, bq: BlockQuant, dtype: np.dtype, float_dtype: np.dtype) -> None:
+        self.bq, self.dtype, self.float_dtype = bq, dtype, float_dtype  # scales, weight dtypes
         self.codes: ir.Value | None = None
         self.scales: ir.Value | None = None
         self.zero_points: ir.Value | None = None
@@ -172,7 +176,7 @@ def rewrite_site(graph: ir.Graph, site: Site, packed: Packed, x: ir.Value, pass_
         out = add("GatherBlockQuantized", [codes, x, scales] + ([zps] if zps is not None else []),
                   "gather", MS, bits=bq.bits, block_size=bq.block_size, gather_axis=0,
                   quantize_axis=1)
-        if packed.dtype != onnx_const(site.source).dtype:  # fp16 scales give fp16 rows
+        if packed.dtype != packed.float_dtype:  # fp16 scales give fp16 rows
             out = add("Cast", [out], "cast", to=old.dtype or ir.DataType.FLOAT)
         if n_blocks * bq.block_size != bq.k:  # the padded columns of the last block go
             out = add("Slice", [out, const("starts", np.array([0])), const("ends", np.array([bq.k])),
@@ -181,6 +185,8 @@ def rewrite_site(graph: ir.Graph, site: Site, packed: Packed, x: ir.Value, pass_
         blob = bq.block_size * bq.bits // 8
         shape = const("b_shape", np.array([n, n_blocks, blob], np.int64))
         b = add("Reshape", [codes, shape], "b")
+        if packed.dtype != packed.float_dtype:  # fp16 scales on disk; ORT folds the Cast
+            scales = add("Cast", [scales], "scales_cast", to=old.dtype or ir.DataType.FLOAT)
         inputs = [x, b, scales] + ([zps] if zps is not None else [])
         out = add("MatMulNBits", inputs, "matmul", MS, K=bq.k, N=n, bits=bq.bits,
                   block_size=bq.block_size)

@@ -1,7 +1,7 @@
 """quantize-ternary: BitNet b1.58 absmean ternary weights, run as 2-bit ``MatMulNBits``.
 
 Per block of ``block_size`` input channels (or per output channel with ``per_channel``):
-``γ = mean|W|``, ``W_t = clip(round(W/γ), −1, 1)``, ``Ŵ = γ·W_t`` (``_blockwise.ternary``). The
+``γ = mean|W|`` (rounded to float16, stored so), ``W_t = clip(round(W/γ), −1, 1)``, ``Ŵ = γ·W_t`` (``_blockwise.ternary``). The
 codes ``W_t + 2 ∈ {1, 2, 3}`` are stored as 2-bit ``MatMulNBits`` with the default zero point
 2 and scale ``γ``, which ORT's CPU kernel runs. This is post-training ternarization without
 the quantization-aware training BitNet relies on, so the quality loss is large; the pass
@@ -44,7 +44,8 @@ class QuantizeTernary(Pass):
          weight ``γ·W_t`` computed from packed 2-bit storage.
       2. A weight used by several layers is ternarized once and shared.
       3. Skipped: names matching ``exclude``, ``K < 16``, weights whose packed form is not
-         smaller (never for float32 weights of useful size), embedding tables.
+         smaller (never for float32 weights of useful size), embedding tables and a linear
+         weight tied to one (the LM head of a tied embedding stays float and shared).
 
     **Requires** nothing. **Ensures** the graph interface is unchanged.
     """

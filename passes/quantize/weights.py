@@ -6,7 +6,8 @@ scale and, if asymmetric, a zero point per block; ``Ŵ = (q − z)·s``
 (math and packing: ``_blockwise``). The codes come from round-to-nearest with an MSE-optimal
 clip (``rtn``), from GPTQ with act-order on the Hessian ``H = 2XᵀX/n`` of the layer's
 calibration inputs (``gptq``), or from an AWQ-style activation-aware scaling ``x/s``,
-``W·diag(s)`` (``awq``; math: ``_gptq``). A weight is quantized only where its packed form is
+``W·diag(s)`` (``awq``; math: ``_gptq``). ``clip_search=false`` gives plain round-to-nearest
+(about twice as fast, slightly less accurate). A weight is quantized only where its packed form is
 smaller than the float tensor, so the model never grows.
 """
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -27,7 +28,7 @@ from .._collect import collect
 from .._rewrite import drop_unused_constants, remove_node_onnx, value_names
 from ..base import Pass, PassResult
 from ..registry import register
-from ._blockwise import BlockQuant, packed_bytes, quantize_rtn
+from ._blockwise import BlockQuant, fp16_exact, packed_bytes, quantize_rtn
 from ._gptq import InputStats, awq_scales, gptq
 from ._nbits_onnx import MS, Packed, Site, find_sites, rewrite_site
 
@@ -54,8 +55,10 @@ class QuantizeWeights(Pass):
       4. ``gptq``: codes by GPTQ (act-order optional) on each layer's calibration Hessian;
          ``awq``: layers reading the same input share one scale ``s`` and one new
          ``Mul(x, 1/s)``. Shared weights fall back to Rule 3.
-      5. Skipped: names matching ``exclude`` (fnmatch, node or weight name), ``K < 16`` and
-         weights whose packed form is not smaller than the float tensor.
+      5. Skipped: names matching ``exclude`` (fnmatch, node or weight name), ``K < 16``,
+         weights whose packed form is not smaller than the float tensor, and weights also read
+         by a node that is not quantized (a tied table whose other use stays float): the
+         float tensor stays and stays shared, so the model never grows.
 
     **Requires** calibration batches for ``gptq``/``awq``. **Ensures** the graph interface is
     unchanged.
@@ -68,6 +71,7 @@ class QuantizeWeights(Pass):
     symmetric: bool = False
     embeddings: bool = True
     act_order: bool = True
+    clip_search: bool = True
     exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -99,14 +103,14 @@ class QuantizeWeights(Pass):
                 f"quantize-weights: algorithm={self.algorithm} is implemented for ONNX only; "
                 "export with graphpress.export.to_onnx first, or use algorithm=rtn on FX")
         return quantize_fx(gm, lambda w: quantize_rtn(w, self.bits, self.block_size,
-                                                        self.symmetric),
+                                                        self.symmetric, self.clip_search),
                            self.name, embeddings=self.embeddings, exclude=self.exclude)
 
     def _quantizer(self, w: np.ndarray, stats: InputStats | None) -> BlockQuant:
         if self.algorithm == "gptq" and stats is not None:
             return gptq(w, stats.hessian, self.bits, self.block_size, self.symmetric,
                         act_order=self.act_order)
-        return quantize_rtn(w, self.bits, self.block_size, self.symmetric)
+        return quantize_rtn(w, self.bits, self.block_size, self.symmetric, self.clip_search)
 
     def _plan(self, model: ir.Model, sites: list[Site], calibration: Any) -> dict[str, Any]:
         """Calibration statistics per activation name for the unshared linear sites."""
@@ -138,15 +142,18 @@ def quantize_sites(model: ir.Model, sites: list[Site], quantizer: Callable, pass
         groups.setdefault(site.key, []).append(site)
     found: dict[str, InputStats] = plan.get("stats", {})
     stats = {"weights_quantized": 0, "embeddings_quantized": 0, "skipped_small": 0,
+             "skipped_shared_float": 0,
              "shared_weights": 0, "weight_bytes_before": 0, "weight_bytes_after": 0}
     todo: list[tuple[list[Site], np.ndarray]] = []
     for group in groups.values():
         w = group[0].weight()
         n, k = w.shape
-        fp16 = all(site.op == "gather" for site in group)
-        after = packed_bytes(n, k, bits, block_size, symmetric, 2 if fp16 else w.dtype.itemsize)
+        after = packed_bytes(n, k, bits, block_size, symmetric, w.dtype.itemsize)
         if k < 16 or after >= w.nbytes:  # Rule 5: never bigger
             stats["skipped_small"] += 1
+            continue
+        if _read_elsewhere(group):  # Rule 5: the float tensor stays, a copy would add bytes
+            stats["skipped_shared_float"] += 1
             continue
         stats["weight_bytes_before"] += w.nbytes
         stats["weight_bytes_after"] += after
@@ -166,11 +173,8 @@ def quantize_sites(model: ir.Model, sites: list[Site], quantizer: Callable, pass
             errors.append(_output_error(x_stats, w, bq, None if scale is None else scale[0]))
             rtn_errors.append(_output_error(x_stats, w, quantize_rtn(w, bits, block_size,
                                                                      symmetric), None))
-        dtype = w.dtype
-        if all(site.op == "gather" for site in group) and dtype == np.float32:
-            dtype = np.dtype(np.float16)  # gathered rows only: fp16 scales, then Cast
-            bq = replace(bq, scales=bq.scales.astype(np.float16).astype(np.float32))
-        packed = Packed(bq, dtype)
+        # scales chosen as float16 values are stored as float16 (Cast back where needed)
+        packed = Packed(bq, np.dtype(np.float16) if fp16_exact(bq.scales) else w.dtype, w.dtype)
         for site in group:  # Rules 1-3
             x = scale[1] if scale is not None else site.node.inputs[1 if site.op == "gather" else 0]
             rewrite_site(graph, site, packed, x, pass_name, tag, taken)
@@ -190,6 +194,19 @@ def quantize_sites(model: ir.Model, sites: list[Site], quantizer: Callable, pass
     stats["weight_ratio"] = stats["weight_bytes_before"] / max(stats["weight_bytes_after"], 1)
     stats["weights_quantized"] += stats["embeddings_quantized"]
     return stats
+
+
+def _read_elsewhere(group: list[Site]) -> bool:
+    """Whether the weight of ``group`` is also read by a node that is not one of its sites
+    (e.g. a tied table whose ``Gather`` is not quantized), or is a graph output."""
+    source = group[0].source
+    mine = {id(site.node) for site in group}
+    mine |= {id(v.producer()) for site in group for v in site.extra if v.producer() is not None}
+    extra = [v for site in group for v in site.extra]
+    sites = {id(site.node) for site in group}
+    return (source.is_graph_output() or any(id(use.node) not in mine for use in source.uses())
+            or any(v.is_graph_output() or any(id(u.node) not in sites for u in v.uses())
+                   for v in extra))
 
 
 def _output_error(x_stats: InputStats, w: np.ndarray, bq: BlockQuant, s) -> float:

@@ -14,11 +14,11 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common
-import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper
 
+from graphpress import export
 from graphpress.graph import (
     PreconditionError,
     UnsupportedGraphError,
@@ -94,10 +94,12 @@ def _onnx_model() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
 
 
+def _weights() -> np.ndarray:
+    return np.arange(12, dtype=np.float32).reshape(4, 3) - 6
+
+
 def _run(model: ir.Model, x: np.ndarray) -> np.ndarray:
-    data = ir.serde.serialize_model(model).SerializeToString()
-    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    return session.run(None, {"x": x})[0]
+    return export.session(model, providers="cpu").run({"x": x})[0]
 
 
 def _fx_model():
@@ -223,3 +225,17 @@ def test_graphpress_debug_env_switches_instruments(monkeypatch, tmp_path):
 def test_pass_manager_rejects_bad_verify_mode():
     with pytest.raises(Exception, match="verify"):
         PassManager([ReluToSigmoid()], verify="sometimes")
+
+
+def test_optimize_model_with_external_data_from_another_folder(tmp_path, monkeypatch):
+    from graphpress.graph import io
+
+    monkeypatch.setattr(io, "EXTERNAL_DATA_THRESHOLD", 0)  # even the tiny weight goes external
+    folder = tmp_path / "model"
+    io.save(load(_onnx_model()), folder / "m.onnx", external_data=True)
+    assert (folder / "m.onnx.data").stat().st_size == 48
+    monkeypatch.chdir(tmp_path)  # the checker must not resolve data files against the cwd
+    result = optimize(folder / "m.onnx", [ReluToSigmoid()])
+    assert [n.op_type for n in result.graph.graph] == ["MatMul", "Sigmoid"]
+    x = np.ones((2, 4), np.float32)
+    np.testing.assert_allclose(_run(result.graph, x), 1 / (1 + np.exp(-(x @ _weights()))), rtol=1e-5)

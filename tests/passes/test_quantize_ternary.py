@@ -27,10 +27,10 @@ def test_ternary_values_are_gamma_times_sign(per_channel):
     gamma = np.repeat(bq.scales, 32, axis=1)[:, :100]
     assert set(np.unique(np.round(deq / gamma, 6))) <= {-1.0, 0.0, 1.0}
     if per_channel:
-        np.testing.assert_allclose(bq.scales[:, 0], np.abs(w).mean(1), rtol=1e-6)
+        np.testing.assert_allclose(bq.scales[:, 0], np.abs(w).mean(1), rtol=1e-3)  # γ rounded to fp16
     else:
-        np.testing.assert_allclose(bq.scales[:, 0], np.abs(w[:, :32]).mean(1), rtol=1e-6)
-        np.testing.assert_allclose(bq.scales[:, -1], np.abs(w[:, 96:]).mean(1), rtol=1e-6)
+        np.testing.assert_allclose(bq.scales[:, 0], np.abs(w[:, :32]).mean(1), rtol=1e-3)  # γ rounded to fp16
+        np.testing.assert_allclose(bq.scales[:, -1], np.abs(w[:, 96:]).mean(1), rtol=1e-3)  # γ rounded to fp16
     assert set(np.unique(bq.q[:, :100])) <= {1, 2, 3}
 
 
@@ -41,8 +41,8 @@ def test_ternary_onnx_matches_numpy(h, k):
                         [("y", F, [4, 40])], {"w": w})
     result = optimize(model, ["quantize-ternary"])
     out = result.graph
-    assert h.onnx_ops(out) == ["Reshape", "MatMulNBits"]
-    node = out.graph.node(1)
+    assert h.onnx_ops(out) == ["Reshape", "Cast", "MatMulNBits"]
+    node = next(n for n in out.graph if n.op_type == "MatMulNBits")
     assert node.attributes["bits"].value == 2
     verify(out)
     x = RNG.normal(size=(4, k)).astype(np.float32)

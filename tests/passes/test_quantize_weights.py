@@ -13,12 +13,13 @@ from onnx import TensorProto, helper
 from torch import nn
 
 from graphpress.export import to_onnx
-from graphpress.graph import capture, verify
+from graphpress.graph import capture, save, verify
 from graphpress.graph.analysis import measure
 from graphpress.graph.errors import PassSpecError, PreconditionError
 from graphpress.passes import from_spec, optimize
 from graphpress.passes.quantize import QuantizeWeights
 from graphpress.passes.quantize._blockwise import (
+    fp16_exact,
     pack,
     pack_zero_points,
     quantize_rtn,
@@ -55,6 +56,17 @@ def test_pack_round_trip(bits, k):
     assert bq.q.max() <= (1 << bits) - 1
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_clip_search_lowers_error_with_fp16_scales(symmetric):
+    w = RNG.standard_t(3, size=(64, 256))  # heavy tails: clipping pays
+    plain = quantize_rtn(w, 4, 32, symmetric, search_clip=False)
+    best = quantize_rtn(w, 4, 32, symmetric)
+    err = [np.sum((bq.dequantize() - w) ** 2, axis=1) for bq in (plain, best)]
+    assert np.all(err[1] <= err[0] * (1 + 1e-5)) and err[1].sum() < 0.97 * err[0].sum()
+    assert fp16_exact(best.scales) and fp16_exact(plain.scales)
+    assert from_spec("quantize-weights:clip_search=false").clip_search is False
+
+
 @pytest.mark.parametrize("bits,symmetric", [(2, True), (4, True), (4, False), (8, False)])
 @pytest.mark.parametrize("k,block", [(64, 16), (300, 32), (300, 128)])
 def test_matmulnbits_matches_numpy_dequantized(h, bits, symmetric, k, block):
@@ -63,7 +75,9 @@ def test_matmulnbits_matches_numpy_dequantized(h, bits, symmetric, k, block):
     (ref,) = h.ort_outputs(model, {"x": x})
     result = optimize(model, [QuantizeWeights(bits=bits, block_size=block, symmetric=symmetric)])
     out = result.graph
-    assert h.onnx_ops(out) == ["Reshape", "MatMulNBits", "Add"]  # golden sequence
+    assert h.onnx_ops(out) == ["Reshape", "Cast", "MatMulNBits", "Add"]  # golden sequence
+    scales = next(v for v in out.graph.initializers.values() if v.name.endswith(".scales"))
+    assert scales.const_value.numpy().dtype == np.float16  # fp16 on disk, Cast folded by ORT
     verify(out)
     (got,) = h.ort_outputs(out, {"x": x})
     deq = quantize_rtn(w.T, bits, block, symmetric).dequantize()  # the layout proof
@@ -79,7 +93,7 @@ def test_gemm_bias_and_spec(h):
     model, w, b = _linear_model(h, 64, 32, gemm=True)
     x = RNG.normal(size=(3, 64)).astype(np.float32)
     out = optimize(model, ["quantize-weights:bits=8,block_size=16"]).graph
-    assert h.onnx_ops(out) == ["Reshape", "MatMulNBits", "Add"]
+    assert h.onnx_ops(out) == ["Reshape", "Cast", "MatMulNBits", "Add"]
     np.testing.assert_allclose(h.ort_outputs(out, {"x": x})[0], x @ w.T + 0.5 * b, atol=0.2)
     assert from_spec("quantize-weights:algorithm=gptq,act_order=false").act_order is False
     with pytest.raises(PassSpecError, match="block_size"):
@@ -122,13 +136,14 @@ def test_tied_embedding_and_lm_head_shared(h):
     ids = RNG.integers(0, 256, size=(2, 5)).astype(np.int64)
     result = optimize(model, ["quantize-weights"])
     out = result.graph
-    assert h.onnx_ops(out) == ["GatherBlockQuantized", "Reshape", "MatMulNBits"]
+    assert h.onnx_ops(out) == ["GatherBlockQuantized", "Cast", "Reshape", "Cast", "MatMulNBits"]
     codes = [v for v in out.graph.initializers.values() if v.name.endswith(".codes")]
     assert len(codes) == 1 and len(codes[0].uses()) == 2  # stored once, read by both
     assert result.report.records[0].stats["shared_weights"] == 1
     (got,) = h.ort_outputs(out, {"ids": ids})
     deq = quantize_rtn(table, 4, 32, symmetric=False).dequantize()
-    np.testing.assert_allclose(got, deq[ids] @ deq.T, rtol=1e-3, atol=1e-3)
+    rows = deq[ids].astype(np.float16).astype(np.float32)  # fp16 scales give fp16 rows
+    np.testing.assert_allclose(got, rows @ deq.T, rtol=1e-3, atol=1e-3)
     assert measure(out).bytes < measure(model).bytes / 5
 
 
@@ -247,7 +262,7 @@ def test_fx_rtn_simulates_onnx_and_exports():
 
 
 @pytest.mark.slow
-def test_minilm_rtn_and_gptq(minilm_tokenizer):
+def test_minilm_rtn_and_gptq(minilm_tokenizer, tmp_path):
     from graphpress.data import mean_pool, stdlib_sentences
     from graphpress.export import session
 
@@ -273,13 +288,18 @@ def test_minilm_rtn_and_gptq(minilm_tokenizer):
 
     ref, results = embed(fp32), {}
     for spec in ("quantize-weights", "quantize-weights:algorithm=gptq,embeddings=false",
-                 "quantize-weights:embeddings=false"):
+                 "quantize-weights:embeddings=false", "quantize-weights:block_size=128"):
         start = time.perf_counter()
         out = optimize(fp32, [spec], calibration=calibration).graph
         results[spec] = (measure(fp32).bytes / measure(out).bytes, cosine(embed(out), ref),
                          time.perf_counter() - start)
-    print("minilm quantize-weights (ratio, cosine, seconds):", results)
+        if spec == "quantize-weights":  # the benchmark's measure: bytes of the files on disk
+            save(fp32, tmp_path / "fp32.onnx")
+            save(out, tmp_path / "q.onnx")
+            disk = (tmp_path / "fp32.onnx").stat().st_size / (tmp_path / "q.onnx").stat().st_size
+    print("minilm quantize-weights (ratio, cosine, seconds):", results, "disk ratio", disk)
     ratio, cos, _ = results["quantize-weights"]
-    assert ratio >= 6.5 and cos >= 0.97  # issue target 0.985: see the report
+    assert ratio >= 6.5 and disk >= 6.5 and cos >= 0.97  # target 0.985 is GPTQ's: see report
+    assert results["quantize-weights:block_size=128"][1] >= 0.94  # K = 384 and 1536 both work
     assert (results["quantize-weights:algorithm=gptq,embeddings=false"][1]
             > results["quantize-weights:embeddings=false"][1])
