@@ -12,6 +12,11 @@ maximum over their weights). The division is folded into the producer when it is
 otherwise a ``Mul`` by the constant ``1/s`` is inserted. Weights are replaced by new
 initializers ``<weight>.smoothquant.weight`` (never changed in place); a weight used elsewhere
 is left alone (its group is skipped).
+
+The channel maxima come from :func:`channel_extremes` (one ONNX Runtime pass over the batches,
+plain per-channel min/max, no histograms). ``insert-qdq`` computes them once for *all* its
+layer inputs and reuses them: the min-max range of a smoothed input ``X/s`` is
+``[min_j cmin_j/s_j, max_j cmax_j/s_j]`` exactly, so no second calibration run is needed.
 """
 
 from __future__ import annotations
@@ -24,11 +29,15 @@ import onnx_ir as ir
 
 from graphpress.graph.onnx import add_initializer, mark
 
+from .._collect import collect
 from .._rewrite import drop_unused_constants, onnx_const, value_names
 from ._qparams import smooth_scales
 from .placement import Layer
 
-__all__ = ["smooth_onnx", "smoothing_groups"]
+__all__ = ["smooth_onnx", "smoothing_groups", "channel_extremes", "Extremes"]
+
+#: Per-channel (last axis) ``(min, max)`` of a value over all calibration batches.
+Extremes = dict[str, tuple[np.ndarray, np.ndarray]]
 
 logger = logging.getLogger(__name__)
 
@@ -46,23 +55,45 @@ def smoothing_groups(layers: list[Layer]) -> dict[ir.Value, list[Layer]]:
     return groups
 
 
-def smooth_onnx(model: ir.Model, layers: list[Layer], batches: Any, alpha: float,
-                pass_name: str) -> int:
-    """Apply SmoothQuant to every group; return how many layers were rescaled."""
-    from graphpress.passes.calibrate import calibrate
+def channel_extremes(model: ir.Model, batches: Any, names: list[str]) -> Extremes:
+    """Finite per-channel (last axis) minima and maxima of ``names`` over ``batches``."""
+    out: Extremes = {}
 
+    def consume(name: str, array: np.ndarray) -> None:
+        x = np.asarray(array)
+        x = x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
+        if not np.isfinite(x).all() or np.abs(x).max(initial=0.0) >= 1e30:
+            x = np.where(np.isfinite(x) & (np.abs(x) < 1e30), x, np.nan)
+            with np.errstate(all="ignore"):
+                lo, hi = np.nanmin(x, axis=0), np.nanmax(x, axis=0)
+        else:
+            lo, hi = x.min(axis=0), x.max(axis=0)
+        if name in out and out[name][0].shape == lo.shape:
+            lo, hi = np.fmin(out[name][0], lo), np.fmax(out[name][1], hi)
+        out[name] = (lo.astype(np.float64), hi.astype(np.float64))
+
+    collect(model, batches, names, consume)
+    return out
+
+
+def smooth_onnx(model: ir.Model, layers: list[Layer], batches: Any, alpha: float,
+                pass_name: str, *, extremes: Extremes | None = None) -> int:
+    """Apply SmoothQuant to every group; return how many layers were rescaled.
+
+    ``extremes`` (from :func:`channel_extremes`, covering the groups' inputs) saves the
+    calibration run; it is updated with the extremes of every smoothed value (``X/s``)."""
     groups = smoothing_groups(layers)
     if not groups:
         return 0
-    table = calibrate(model, batches, method="minmax", targets=[v.name for v in groups],
-                      channel_axis=-1)
+    if extremes is None:
+        extremes = channel_extremes(model, batches, [v.name for v in groups])
     graph, taken = model.graph, value_names(model)
     rescaled = 0
     for value, group in groups.items():
-        stats = table.stats[value.name]
-        if stats.channel_min is None:
+        if value.name not in extremes:
             continue
-        act = np.maximum(np.abs(stats.channel_min), np.abs(stats.channel_max))
+        cmin, cmax = extremes[value.name]
+        act = np.nan_to_num(np.maximum(np.abs(cmin), np.abs(cmax)))
         weights = [onnx_const(layer.node.inputs[1]) for layer in group]
         if any(w.shape[0] != act.shape[0] for w in weights):
             continue
@@ -79,6 +110,7 @@ def smooth_onnx(model: ir.Model, layers: list[Layer], batches: Any, alpha: float
             scaled = _insert_mul(graph, value, group, s, pass_name, taken)
         for layer in group:
             layer.node.replace_input_with(0, scaled)
+        extremes[scaled.name] = (cmin / s, cmax / s)
         rescaled += len(group)
     return rescaled
 
