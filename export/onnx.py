@@ -55,12 +55,15 @@ def to_onnx(
     dynamic_shapes: Any = None,
     opset: int | None = None,
     optimize: bool = True,
+    debug_metadata: bool = False,
 ) -> ir.Model:
     """Export ``model(*args, **kwargs)`` to ONNX and return the ``onnx_ir.Model``.
 
     ``model`` is an ``nn.Module`` or a captured ``fx.GraphModule``; it is exported in eval mode
     and left as it was. ``opset`` defaults to the exporter's; ``optimize`` runs the onnxscript
-    optimizer (constant folding, dead-code removal). Raises :class:`ExportError`.
+    optimizer (constant folding, dead-code removal). Exporter debug metadata (Python stack
+    traces and the like, :data:`DEBUG_METADATA_KEYS`) is dropped unless ``debug_metadata``.
+    Raises :class:`ExportError`.
     """
     if not isinstance(model, torch.nn.Module):
         raise ExportError(
@@ -101,6 +104,8 @@ def to_onnx(
             logger.debug("carried %s to %d ONNX nodes", PASS_KEY, tagged)
         except Exception as exc:  # best effort: relies on exporter metadata, never fails export
             logger.warning("could not carry %s to the ONNX nodes: %s", PASS_KEY, exc)
+    if not debug_metadata:
+        _drop_debug_metadata(onnx_model)
     logger.debug(
         "exported %s: %d ONNX nodes, opset %s",
         type(model).__name__,
@@ -108,6 +113,23 @@ def to_onnx(
         onnx_model.opset_imports.get("", "?"),
     )
     return onnx_model
+
+
+#: Exporter metadata that only helps debugging the export: Python stack traces (paths of the
+#: exporting machine), module class hierarchies and name scopes. Dropped unless asked for;
+#: ``namespace`` and ``pkg.torch.onnx.fx_node`` stay (provenance and readable diffs).
+DEBUG_METADATA_KEYS = (
+    "pkg.torch.onnx.stack_trace",
+    "pkg.torch.onnx.class_hierarchy",
+    "pkg.torch.onnx.name_scopes",
+)
+
+
+def _drop_debug_metadata(model: ir.Model) -> None:
+    for graph in model.graphs():
+        for node in graph:
+            for key in DEBUG_METADATA_KEYS:
+                node.metadata_props.pop(key, None)
 
 
 def _set_training(model: torch.nn.Module, mode: bool) -> None:

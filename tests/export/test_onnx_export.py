@@ -227,3 +227,18 @@ def test_model_over_2gb_saves_with_external_data_and_loads_lazily():
         del z, o, zeros, ones, loaded
     finally:
         shutil.rmtree(folder)
+
+
+def test_debug_metadata_is_dropped_unless_asked_for():
+    from graphpress.export.onnx import DEBUG_METADATA_KEYS
+
+    module = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+    x = torch.randn(2, 4)
+
+    def keys(model):
+        return {k for node in model.graph for k in node.metadata_props}
+
+    lean, debug = export.to_onnx(module, (x,)), export.to_onnx(module, (x,), debug_metadata=True)
+    assert not keys(lean) & set(DEBUG_METADATA_KEYS)
+    assert "pkg.torch.onnx.stack_trace" in keys(debug)
+    assert "namespace" in keys(lean)  # kept: readable names and provenance
