@@ -55,6 +55,9 @@ class Pass(abc.ABC):
     supports: ClassVar[frozenset[str]] = frozenset({"fx", "onnx"})
     #: True for passes that need calibration batches (``optimize(..., calibration=...)``).
     needs_calibration: ClassVar[bool] = False
+    #: True for passes that use calibration when given (``run_*`` get ``calibration=None``
+    #: otherwise), e.g. to choose a better algorithm.
+    accepts_calibration: ClassVar[bool] = False
 
     def __call__(self, graph: Graph, *, calibration: Any = None) -> PassResult:
         graph_kind = kind(graph)
@@ -92,7 +95,8 @@ class Pass(abc.ABC):
         )
 
     def _calibration_kwargs(self, calibration: Any) -> dict[str, Any]:
-        return {"calibration": calibration} if self.needs_calibration else {}
+        wanted = self.needs_calibration or self.accepts_calibration
+        return {"calibration": calibration} if wanted else {}
 
     def requires(self, graph: Graph) -> None:  # noqa: B027 (optional hook)
         """Raise :class:`PreconditionError` with a reason if the pass cannot run on ``graph``."""

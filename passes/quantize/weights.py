@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -60,14 +60,16 @@ class QuantizeWeights(Pass):
          by a node that is not quantized (a tied table whose other use stays float): the
          float tensor stays and stays shared, so the model never grows.
 
-    **Requires** calibration batches for ``gptq``/``awq``. **Ensures** the graph interface is
-    unchanged.
+    **Requires** calibration batches for ``gptq``/``awq``; ``auto`` (the default) runs GPTQ
+    when calibration batches are given (best quality in the benchmark: cosine 0.989 vs 0.974
+    for RTN on all-MiniLM-L6-v2 at 4-bit, block 32) and RTN otherwise. **Ensures** the graph
+    interface is unchanged.
     """
 
     name: ClassVar[str] = "quantize-weights"
     bits: int = 4
     block_size: int = 32
-    algorithm: Literal["rtn", "gptq", "awq"] = "rtn"
+    algorithm: Literal["auto", "rtn", "gptq", "awq"] = "auto"
     symmetric: bool = False
     embeddings: bool = True
     act_order: bool = True
@@ -82,22 +84,35 @@ class QuantizeWeights(Pass):
             raise PassSpecError(
                 f"quantize-weights: block_size={b} must be a power of two in 16..256")
 
+    accepts_calibration: ClassVar[bool] = True  # auto: GPTQ with batches, RTN without
+
     @property
     def needs_calibration(self) -> bool:  # overrides the ClassVar: only GPTQ/AWQ need data
-        return self.algorithm != "rtn"
+        return self.algorithm in ("gptq", "awq")
+
+    def resolved(self, calibration: Any) -> QuantizeWeights:
+        """This pass with ``auto`` replaced by the algorithm it runs (GPTQ iff batches)."""
+        if self.algorithm != "auto":
+            return self
+        return replace(self, algorithm="gptq" if calibration is not None else "rtn")
 
     def run_onnx(self, model: ir.Model, calibration: Any = None) -> PassResult:
+        if self.algorithm == "auto":
+            return self.resolved(calibration).run_onnx(model, calibration)
         start = time.perf_counter()
         sites = find_sites(model, embeddings=self.embeddings, exclude=self.exclude)
         stats = quantize_sites(model, sites, self._quantizer, self.name, "wq", self._plan(
             model, sites, calibration), bits=self.bits, block_size=self.block_size,
             symmetric=self.symmetric)
         stats["seconds"] = time.perf_counter() - start
+        stats["gptq"] = float(self.algorithm == "gptq")
         return PassResult(model, stats["weights_quantized"] > 0, stats)
 
     def run_fx(self, gm, calibration: Any = None) -> PassResult:
         from ._nbits_fx import quantize_fx
 
+        if self.algorithm == "auto":  # GPTQ/AWQ are ONNX-only: FX runs RTN
+            return replace(self, algorithm="rtn").run_fx(gm)
         if self.algorithm != "rtn":
             raise PreconditionError(
                 f"quantize-weights: algorithm={self.algorithm} is implemented for ONNX only; "
