@@ -51,6 +51,8 @@ VARIANTS = [
     ("ours insert-qdq", "ours", "insert-qdq"),
     ("ours quantize-weights 4-bit b32 RTN", "ours",
      "quantize-weights:bits=4,block_size=32,algorithm=rtn,embeddings=true"),
+    ("ours quantize-weights 4-bit b32 RTN, no clip search (as ORT's RTN)", "ours",
+     "quantize-weights:bits=4,block_size=32,algorithm=rtn,clip_search=false"),
     ("ours quantize-weights 4-bit b32 GPTQ", "ours",
      "quantize-weights:bits=4,block_size=32,algorithm=gptq,embeddings=true"),
     ("ours quantize-weights 4-bit b32 AWQ", "ours",

@@ -33,26 +33,30 @@ EXTERNAL_DATA_THRESHOLD = 1024
 
 def load(source: str | os.PathLike | bytes | onnx.ModelProto) -> ir.Model:
     """Load ``source`` into an ``onnx_ir.Model`` (external data loaded lazily)."""
-    path = None
+    path, raw = None, None
     if isinstance(source, onnx.ModelProto):
         proto, base_dir, origin = source, None, "<ModelProto>"
         _check_fields(proto, origin)
     elif isinstance(source, (bytes, bytearray)):
-        proto, base_dir, origin = _parse(bytes(source), "<bytes>"), None, "<bytes>"
+        raw = bytes(source)
+        proto, base_dir, origin = _parse(raw, "<bytes>"), None, "<bytes>"
     elif isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.exists():
             raise ModelLoadError(f"{path}: no such file; check the path to the .onnx model")
         if path.is_dir():
             raise ModelLoadError(f"{path}: is a folder; pass the path of the .onnx file inside it")
-        origin = str(path)
-        proto, base_dir = _parse(path.read_bytes(), origin), path.resolve().parent
+        origin, raw = str(path), path.read_bytes()
+        proto, base_dir = _parse(raw, origin), path.resolve().parent
     else:
         raise ModelLoadError(
             f"cannot load a {type(source).__name__}; pass a path, bytes or an onnx.ModelProto"
         )
     _check_external_data(proto, base_dir, origin)
-    _check_model(proto, path if any(True for _ in _external_tensors(proto)) else None, origin)
+    external = any(True for _ in _external_tensors(proto))
+    # the checker resolves external data against the model's folder only when given the path;
+    # otherwise the bytes already read spare it re-serialising the proto
+    _check_model(str(path) if external else (raw if raw is not None else proto), origin)
     model = ir.serde.deserialize_model(proto)
     if base_dir is not None:
         ir.external_data.set_base_dir(model.graph, base_dir)
@@ -80,11 +84,9 @@ def _check_fields(proto: onnx.ModelProto, origin: str) -> None:
         )
 
 
-def _check_model(proto: onnx.ModelProto, path: Path | None, origin: str) -> None:
-    # The checker resolves external-data locations against the model's folder only when it
-    # is given the path; given a proto it would look in the current directory.
+def _check_model(model: onnx.ModelProto | bytes | str, origin: str) -> None:
     try:
-        onnx.checker.check_model(str(path) if path is not None else proto)
+        onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "checker failed"
         raise ModelLoadError(f"{origin}: invalid ONNX model: {first}") from None
