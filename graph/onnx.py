@@ -10,7 +10,14 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["PROVENANCE", "mark", "constant_array", "add_initializer", "unique_name"]
+__all__ = [
+    "PROVENANCE",
+    "mark",
+    "constant_array",
+    "add_initializer",
+    "unique_name",
+    "value_names",
+]
 
 PROVENANCE = "graphpress.pass"
 
@@ -40,7 +47,7 @@ def constant_array(value: ir.Value | None) -> np.ndarray | None:
 
 def unique_name(graph: ir.Graph, name: str, taken: set[str] | None = None) -> str:
     """``name``, or ``name_1``, ``name_2``... if a value of the graph already uses it."""
-    taken = taken if taken is not None else _value_names(graph)
+    taken = taken if taken is not None else value_names(graph)
     candidate, index = name, 1
     while candidate in taken:
         candidate, index = f"{name}_{index}", index + 1
@@ -48,10 +55,12 @@ def unique_name(graph: ir.Graph, name: str, taken: set[str] | None = None) -> st
     return candidate
 
 
-def _value_names(graph: ir.Graph) -> set[str]:
-    names = {v.name for v in graph.inputs} | set(graph.initializers)
-    for node in graph:
-        names.update(v.name for v in node.outputs if v.name)
+def value_names(item: ir.Model | ir.Graph) -> set[str]:
+    """Every value name used in a model (all its graphs) or in one graph, for O(1) unique
+    naming with :func:`unique_name` / :func:`add_initializer` (pass the set as ``taken``)."""
+    graphs = list(item.graphs()) if isinstance(item, ir.Model) else [item]
+    names = {v.name for g in graphs for v in (*g.inputs, *g.initializers.values())}
+    names.update(v.name for g in graphs for n in g for v in n.outputs if v.name)
     return names
 
 

@@ -20,6 +20,7 @@ from torch import fx
 
 from graphpress.graph.errors import PreconditionError
 from graphpress.graph.kind import is_canonical_fx
+from graphpress.graph.onnx import value_names  # re-exported for the passes
 
 __all__ = [
     "bypass_onnx",
@@ -204,9 +205,3 @@ def drop_unused_constants(values: Iterable[ir.Value]) -> int:
         removed += 1
     return removed
 
-
-def value_names(model: ir.Model) -> set[str]:
-    """Every value name used in ``model`` (all graphs), for O(1) unique naming."""
-    names = {v.name for g in model.graphs() for v in (*g.inputs, *g.initializers.values())}
-    names.update(v.name for g in model.graphs() for n in g for v in n.outputs if v.name)
-    return names

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from graphpress.graph.onnx import PROVENANCE, add_initializer, mark
+from graphpress.graph.onnx import PROVENANCE, add_initializer, mark, unique_name
 
 from .._rewrite import onnx_const, remove_node_onnx
 from .dynamic import MS, QuantizeDynamic, quantize_blocks, quantize_int8
@@ -153,11 +153,7 @@ class Rewriter:
         return node
 
     def _unique(self, name: str) -> str:
-        candidate, index = name, 1
-        while candidate in self.taken:
-            candidate, index = f"{name}_{index}", index + 1
-        self.taken.add(candidate)
-        return candidate
+        return unique_name(self.graph, name, self.taken)
 
     def _matmul(self, plan: Plan) -> None:
         node = plan.node

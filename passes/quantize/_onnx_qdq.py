@@ -20,7 +20,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from graphpress.graph.onnx import add_initializer, mark
+from graphpress.graph.onnx import add_initializer, mark, unique_name
 
 from .._rewrite import onnx_const, value_names
 from ._qparams import QParams, quantize_weight
@@ -68,11 +68,7 @@ class OnnxQDQ:
         return mark(node, self.pass_name)
 
     def _unique(self, name: str) -> str:
-        candidate, index = name, 1
-        while candidate in self.taken:
-            candidate, index = f"{name}_{index}", index + 1
-        self.taken.add(candidate)
-        return candidate
+        return unique_name(self.graph, name, self.taken)
 
     # ------------------------------------------------------------------ rewrites
     def activation(self, layer: Layer, position: int, params: QParams) -> None:
