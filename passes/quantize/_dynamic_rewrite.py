@@ -34,6 +34,7 @@ class Plan:
     transpose: bool = False
     bias: ir.Value | None = None
     add: ir.Node | None = None  # Rule 2: the Add fused as bias
+    via: ir.Node | None = None  # Rule 4b: the Transpose between a tied table and the LM head
 
 
 def _float_const(value: ir.Value | None) -> np.ndarray | None:
@@ -53,6 +54,7 @@ class Rewriter:
         self.pass_, self.graph, self.taken = pass_, graph, taken
         self.cache: dict[tuple[ir.Value, str], list[ir.Value | None]] = {}
         self.sources: dict[ir.Value, None] = {}
+        self._pending: list[ir.Node] = []  # float Transposes left unused (Rule 4b)
 
     # -- planning -------------------------------------------------------------------------
     def plan(self) -> list[Plan]:
@@ -60,10 +62,21 @@ class Rewriter:
         planned = {(id(p.node), p.weight) for p in found}
         keep = []
         for p in found:  # Rule 5: every use of the weight must be quantized
-            uses = p.weight.uses()
-            if all((id(n), p.weight) in planned for n, _ in uses) and not p.weight.is_graph_output():
+            if self._all_planned(p.weight, planned) and not p.weight.is_graph_output():
                 keep.append(p)
         return keep
+
+    @staticmethod
+    def _all_planned(weight: ir.Value, planned: set) -> bool:
+        """Every use is a planned node, or a Transpose read only by planned nodes (Rule 4b)."""
+        for node, _ in weight.uses():
+            if (id(node), weight) in planned:
+                continue
+            out = node.outputs[0] if node.op_type == "Transpose" else None
+            if out is None or out.is_graph_output() or not all(
+                    (id(n), weight) in planned for n, _ in out.uses()):
+                return False
+        return True
 
     def _match(self, node: ir.Node) -> Plan | None:
         if node.domain not in _DEFAULT or node.op_type not in ("MatMul", "Gemm", "Gather"):
@@ -74,6 +87,9 @@ class Rewriter:
         if len(node.inputs) <= index or node.inputs[index] is None:
             return None
         weight = node.inputs[index]
+        via = self._tied_transpose(node, weight)
+        if via is not None:
+            weight = via.inputs[0]
         array = _float_const(weight)
         if array is None or array.ndim != 2 or array.size < self.pass_.min_elements:
             return None  # Rule 1: tiny weights stay float
@@ -83,7 +99,7 @@ class Rewriter:
             return None
         if node.op_type == "Gather":  # Rule 4
             return Plan(node, "gather", weight) if _attr(node, "axis", 0) == 0 else None
-        n = array.shape[0] if _attr(node, "transB", 0) else array.shape[1]
+        n = array.shape[0] if _attr(node, "transB", 0) or via is not None else array.shape[1]
         if node.op_type == "Gemm":  # Rule 3
             if _attr(node, "transA", 0) or _attr(node, "alpha", 1.0) != 1.0:
                 return None
@@ -91,7 +107,9 @@ class Rewriter:
             if bias is not None and (_attr(node, "beta", 1.0) != 1.0 or not self._vector(bias, n)):
                 return None
             return Plan(node, "matmul", weight, bool(_attr(node, "transB", 0)), bias)
-        plan = Plan(node, "matmul", weight)
+        plan = Plan(node, "matmul", weight, via=via)
+        if via is not None:
+            plan.transpose = True
         out = node.outputs[0]
         uses = out.uses()
         if len(uses) == 1 and not out.is_graph_output():  # Rule 2
@@ -101,6 +119,23 @@ class Rewriter:
                 if other is not out and self._vector(other, n):
                     plan.bias, plan.add = other, add
         return plan
+
+    def _tied_transpose(self, node: ir.Node, weight: ir.Value) -> ir.Node | None:
+        """The ``Transpose(E)`` a ``MatMul`` reads, ``E`` a constant table an embedding
+        ``Gather`` also reads (Rule 4b; per-channel ``DynamicQuantizeMatMul`` only)."""
+        producer = weight.producer()
+        p = self.pass_
+        if (node.op_type != "MatMul" or producer is None or producer.op_type != "Transpose"
+                or producer.domain not in _DEFAULT or not p.embeddings or p.block_size
+                or not p.per_channel or not p.symmetric):
+            return None
+        perm = _attr(producer, "perm", None)
+        table = producer.inputs[0]
+        array = _float_const(table)
+        if array is None or array.ndim != 2 or (perm is not None and list(perm) != [1, 0]):
+            return None
+        gathers = [n for n, i in table.uses() if n.op_type == "Gather" and i == 0]
+        return producer if gathers else None
 
     @staticmethod
     def _vector(value: ir.Value | None, n: int) -> bool:
@@ -118,6 +153,9 @@ class Rewriter:
                 self._matmul(plan)
                 stats["matmuls_quantized"] += 1
                 stats["biases_fused"] += plan.bias is not None
+        for trans in dict.fromkeys(self._pending):
+            if not trans.outputs[0].uses() and not trans.outputs[0].is_graph_output():
+                remove_node_onnx(trans)
         return stats
 
     def _init(self, name: str, array: np.ndarray) -> ir.Value:
@@ -155,9 +193,27 @@ class Rewriter:
     def _unique(self, name: str) -> str:
         return unique_name(self.graph, name, self.taken)
 
+    def _tied(self, plan: Plan) -> list[ir.Value | None]:
+        """Rule 4b: ``Transpose`` of the int8 per-row table and its scales as a vector."""
+        q, scale, _ = self._weights(plan.weight, "gather")
+        key = (plan.weight, "tied")
+        if key not in self.cache:
+            flat = self._init(f"{plan.weight.name}.qdyn.scale_n", scale.const_value.numpy().ravel())
+            trans = self._node("Transpose", [q], plan.via, f"{plan.weight.name}.qdyn.t",
+                               attributes=[ir.AttrInt64s("perm", [1, 0])])
+            trans.outputs[0].dtype = ir.DataType.INT8
+            trans.outputs[0].shape = ir.Shape(q.shape[::-1])
+            self.cache[key] = [trans.outputs[0], flat, None]
+        self._pending.append(plan.via)
+        return self.cache[key]
+
     def _matmul(self, plan: Plan) -> None:
         node = plan.node
-        q, scale, zero = self._weights(plan.weight, "matmul_t" if plan.transpose else "matmul")
+        if plan.via is not None:
+            q, scale, zero = self._tied(plan)
+        else:
+            q, scale, zero = self._weights(plan.weight,
+                                           "matmul_t" if plan.transpose else "matmul")
         bias = plan.bias
         if bias is not None:  # Rule 2/3: DynamicQuantizeMatMul takes a length-N vector
             array = _float_const(bias)

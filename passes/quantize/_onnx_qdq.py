@@ -6,6 +6,9 @@
 * Constant weight ``W``: a new integer initializer ``W.qdq.q`` and
   ``Ŵ = DequantizeLinear(W.qdq.q, s, z, axis)`` (per channel along the output axis, or per
   tensor); the layer reads ``Ŵ``. A weight shared by several layers is quantized once.
+* Tied table ``E`` (``Gather(E, ids)`` and ``MatMul(x, Transpose(E))``): one int8 per-row
+  ``E.qdq.q``; the Gather dequantizes the gathered rows by their row scales, the LM head reads
+  ``DequantizeLinear(Transpose(E.qdq.q), axis=1)`` (ORT folds the constant Transpose).
 * Embedding ``Gather(T, ids)``: ``DequantizeLinear(Gather(T.qdq.q, ids), s, z)`` with a
   per-tensor scale, so only the gathered rows are dequantized at run time.
 
@@ -22,9 +25,9 @@ import onnx_ir as ir
 
 from graphpress.graph.onnx import add_initializer, mark, unique_name
 
-from .._rewrite import onnx_const, value_names
+from .._rewrite import onnx_const, remove_node_onnx, value_names
 from ._qparams import QParams, quantize_weight
-from .placement import Layer
+from .placement import Layer, tied_table
 
 __all__ = ["OnnxQDQ"]
 
@@ -43,6 +46,7 @@ class OnnxQDQ:
         self.taken = value_names(model)
         self.activations: dict[tuple[ir.Value, str], ir.Value] = {}
         self.weights: dict[ir.Value, ir.Value] = {}
+        self.tables: dict[ir.Value, tuple] = {}
         self.weight_bytes = 0
 
     # ------------------------------------------------------------------ helpers
@@ -89,8 +93,39 @@ class OnnxQDQ:
             self.activations[key] = dequant.outputs[0]
         node.replace_input_with(position, self.activations[key])
 
+    def _per_row(self, table_value: ir.Value):
+        """The int8 per-row table ``E.qdq.q`` shared by a tied embedding and LM head."""
+        if table_value not in self.tables:
+            q, params = quantize_weight(onnx_const(table_value), axis=0, symmetric=self.symmetric)
+            origin = table_value.name
+            init = add_initializer(self.graph, f"{origin}.qdq.q", q, self.pass_name, self.taken)
+            self.tables[table_value] = (init, params, *self._params(origin, params))
+            self.weight_bytes += q.nbytes + params.scale.nbytes + params.zero_point.nbytes
+        return self.tables[table_value]
+
+    def tied_head(self, layer: Layer) -> None:
+        """``MatMul(x, Transpose(E))`` → ``MatMul(x, DequantizeLinear(Transpose(E.qdq.q), axis=1))``."""
+        node = layer.node
+        trans = node.inputs[1].producer()
+        table_value = tied_table(node.inputs[1])
+        if table_value not in self.weights:
+            init, params, scale, zero = self._per_row(table_value)
+            shape = ir.Shape(init.shape[::-1])
+            t = self._node("Transpose", [init], f"{table_value.name}.qdq.t", ir.DataType.INT8,
+                           shape)
+            t.attributes["perm"] = ir.AttrInt64s("perm", [1, 0])
+            dq = self._node("DequantizeLinear", [t.outputs[0], scale, zero],
+                            f"{table_value.name}.qdq.dq_t", ir.DataType.FLOAT, shape, axis=1)
+            self.graph.insert_before(node, [t, dq])
+            self.weights[table_value] = dq.outputs[0]
+        node.replace_input_with(1, self.weights[table_value])
+        if not trans.outputs[0].uses() and not trans.outputs[0].is_graph_output():
+            remove_node_onnx(trans)
+
     def weight(self, layer: Layer) -> None:
         """Replace the constant weight of ``layer`` by int8 + DequantizeLinear."""
+        if layer.op == "matmul_t":
+            return self.tied_head(layer)
         node, position = layer.node, layer.weight
         value = node.inputs[position]
         if value not in self.weights:
@@ -112,6 +147,9 @@ class OnnxQDQ:
         """``Gather(T, ids)`` → ``DequantizeLinear(Gather(T.qdq.q, ids))`` (per tensor)."""
         node = layer.node
         table_value, ids = node.inputs
+        if self.symmetric and any(tied_table(n.outputs[0]) is table_value
+                                  for n, _ in table_value.uses() if n.op_type == "Transpose"):
+            return self._tied_embedding(layer)
         table = onnx_const(table_value)
         q, params = quantize_weight(table, axis=None, symmetric=self.symmetric)
         origin = table_value.name or f"{layer.name}.table"
@@ -130,6 +168,36 @@ class OnnxQDQ:
         old.replace_all_uses_with(new, replace_graph_outputs=True)
         self.graph.remove(node, safe=True)
         self.weight_bytes += q.nbytes
+
+
+    def _tied_embedding(self, layer: Layer) -> None:
+        """Tied table: ``Cast(Gather(E.qdq.q, ids)) · Gather(scale[V, 1], ids)`` (per row)."""
+        node = layer.node
+        table_value, ids = node.inputs
+        init, params, _, _ = self._per_row(table_value)
+        column = add_initializer(self.graph, f"{table_value.name}.qdq.row_scale",
+                                 params.scale.reshape(-1, 1), self.pass_name, self.taken)
+        old = node.outputs[0]
+        origin = table_value.name
+        rows = self._node("Gather", [init, ids], f"{origin}.qdq.rows", ir.DataType.INT8,
+                          old.shape, axis=0)
+        cast = self._node("Cast", [rows.outputs[0]], f"{origin}.qdq.cast", ir.DataType.FLOAT,
+                          old.shape)
+        cast.attributes["to"] = ir.AttrInt64("to", ir.DataType.FLOAT)
+        scales = self._node("Gather", [column, ids], f"{origin}.qdq.row_scales",
+                            ir.DataType.FLOAT, None, axis=0)
+        mul = self._node("Mul", [cast.outputs[0], scales.outputs[0]], f"{origin}.qdq.dq",
+                         ir.DataType.FLOAT, old.shape)
+        self.graph.insert_before(node, [rows, cast, scales, mul])
+        self._rebind(node, mul.outputs[0])
+
+    def _rebind(self, node: ir.Node, new: ir.Value) -> None:
+        old = node.outputs[0]
+        if old.is_graph_output():  # keep the interface name
+            name, old.name = old.name, None
+            new.name = name
+        old.replace_all_uses_with(new, replace_graph_outputs=True)
+        self.graph.remove(node, safe=True)
 
 
 def output_error(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float:

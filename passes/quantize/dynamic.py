@@ -110,6 +110,10 @@ class QuantizeDynamic(Pass):
          length-N (or absent) ``C`` is rule 1 on ``B`` (``Bᵀ`` when ``transB = 1``), bias ``C``.
       4. With ``embeddings``: ``Gather(E, ids, axis=0)``, ``E`` a constant float32 table →
          ``Cast(Gather(q, ids)) · Gather(scale, ids)`` with int8 ``q`` per row.
+      4b. Tied table: if ``E`` also feeds ``MatMul(A, Transpose(E))`` (an LM head; per-channel,
+         symmetric, ``block_size = 0``), that MatMul becomes ``DynamicQuantizeMatMul(A,
+         Transpose(q), scale)`` on the same int8 ``q`` (ORT folds the constant Transpose at
+         load time): one int8 table on disk, the float ``E`` is removed.
       5. A node whose name or weight name matches a pattern in ``exclude`` (fnmatch) stays,
          and a weight any of whose uses stays float is not quantized (the model never grows);
          a weight shared by several quantized nodes is quantized once.

@@ -5,6 +5,7 @@ A *layer* is one operator ONNX Runtime turns into integer arithmetic when its in
 through ``DequantizeLinear``:
 
 * ``MatMul`` with a constant 2-D weight ``W[K, N]`` (output channels on axis 1);
+* ``MatMul(x, Transpose(E))``, ``E`` a constant table (a tied LM head; channels = rows of E);
 * ``Gemm`` with a constant ``B`` (output channels on axis 0 when ``transB=1``, else 1);
 * ``Conv`` with a constant weight ``W[M, C/g, k…]`` (output channels on axis 0);
 * ``Gather`` of a constant table (embeddings; weight-only, the gathered rows are dequantized);
@@ -29,7 +30,7 @@ import onnx_ir as ir
 
 from .._rewrite import onnx_const
 
-__all__ = ["Layer", "find_layers", "mask_tainted", "excluded"]
+__all__ = ["Layer", "find_layers", "mask_tainted", "excluded", "tied_table"]
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +88,8 @@ def _weight_layer(node: ir.Node) -> Layer | None:
         w = onnx_const(inputs[1])
         if w is not None and w.ndim == 2 and w.dtype.kind == "f":
             return Layer(node, "matmul", (0,), 1, 1)
+    if op == "MatMul" and len(inputs) == 2 and _is_float(inputs[0]) and tied_table(inputs[1]):
+        return Layer(node, "matmul_t", (0,), 1, 1)  # LM head reading Transpose(E)
     if op == "Gemm" and len(inputs) >= 2 and _is_float(inputs[0]):
         w = onnx_const(inputs[1])
         if w is not None and w.dtype.kind == "f":
@@ -104,6 +107,18 @@ def _weight_layer(node: ir.Node) -> Layer | None:
                 and table.size >= 1024 and (axis is None or axis.as_int() == 0)):
             return Layer(node, "embedding", (), 0, None)
     return None
+
+
+def tied_table(value: ir.Value | None) -> ir.Value | None:
+    """``E`` when ``value = Transpose(E)``, ``E`` a constant float 2-D table (a tied LM head)."""
+    node = None if value is None else value.producer()
+    if node is None or node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
+        return None
+    perm = node.attributes.get("perm")
+    table = onnx_const(node.inputs[0])
+    if table is None or table.dtype.kind != "f" or table.ndim != 2:
+        return None
+    return node.inputs[0] if perm is None or list(perm.as_ints()) == [1, 0] else None
 
 
 def find_layers(

@@ -62,6 +62,9 @@ class InsertQDQ(Pass):
          ``symmetric_weights``) + DequantizeLinear, per channel along the output axis when
          ``per_channel`` (MatMul axis 1, Gemm axis 0 with ``transB``, Conv axis 0).
       4. Embeddings: ``Gather`` reads the int8 table; the gathered rows are dequantized.
+         A table tied to an LM head ``MatMul(x, Transpose(E))`` is quantized once per row: the
+         Gather scales its rows by their row scales, the head reads
+         ``DequantizeLinear(Transpose(E.qdq.q), axis=1)``; the float ``E`` is removed.
       5. ``keep_float > 0``: the ``⌈keep_float·n⌉`` layers whose lone quantization hurts the
          outputs most keep float activations (``fallback="weights"``) or stay float entirely
          (``fallback="float"``).

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 import torch
 
@@ -33,6 +34,9 @@ SPECS = {  # spec: minimum cosine of the logits vs float32 ORT
     "insert-qdq": 0.98,
     "quantize-ternary": None,  # post-training ternary: reported, not promised
 }
+
+#: model bytes when the tied table was stored twice (float for one reader, int8 for the other)
+BEFORE_FIX = {"insert-qdq": 679_693, "quantize-dynamic": 606_944}
 
 
 def _disk_bytes(path: Path) -> int:
@@ -88,11 +92,14 @@ def test_decoder_quantization(decoder, spec, tmp_path, monkeypatch):
     copies = _tied_copies(out)  # tied weights stay shared: one stored table
     tables = [c for c in copies if not any(t in c[0] for t in ("scale", "zero_point"))]
     logger.info("%s: tied table stored as %s", spec, copies)
-    if spec == "insert-qdq":  # known: float table for the Gather + int8 copy for the LM head
-        assert len(tables) == 2, f"insert-qdq now keeps one tied table: update this test {copies}"
-    else:
-        assert len(tables) == 1, copies
-        assert sum(size for _, size in copies) <= VOCAB * HIDDEN * 4
+    assert len(tables) == 1, copies
+    assert sum(size for _, size in copies) <= VOCAB * HIDDEN * 4
+    if spec in BEFORE_FIX:  # the tied table is quantized once (int8 per row), read by both
+        assert TIED not in out.graph.initializers  # the float table is gone
+        (name, size), = tables
+        assert size == VOCAB * HIDDEN, copies  # one int8 byte per element
+        assert out.graph.initializers[name].dtype == ir.DataType.INT8
+        assert measure(out).bytes < BEFORE_FIX[spec]
 
     run = session(gp.load(saved))
     cosine = min(_cosine(r, run.run(f)[0]) for r, f in zip(ref, feeds))
@@ -116,3 +123,19 @@ def test_decoder_tied_table_quantized_once(decoder, monkeypatch):
     users = sorted(u.node.op_type for u in codes[0].uses())
     assert users == ["GatherBlockQuantized", "Reshape"]  # Reshape feeds the LM-head MatMulNBits
     assert TIED not in out.graph.initializers  # the float table is gone
+
+
+@pytest.mark.parametrize(("spec", "head"), [("insert-qdq", "DequantizeLinear"),
+                                            ("quantize-dynamic", "DynamicQuantizeMatMul")])
+def test_decoder_tied_table_int8_once(decoder, spec, head, monkeypatch):
+    """One int8 per-row table read by the embedding Gather and, transposed, by the LM head."""
+    path, _, _, calibration = decoder
+    monkeypatch.chdir(path.parent.parent)
+    out = optimize(gp.load(path), [spec], calibration=calibration).graph
+    (table,) = [v for n, v in out.graph.initializers.items()
+                if n.startswith(TIED) and v.const_value.size == VOCAB * HIDDEN]
+    assert table.dtype == ir.DataType.INT8
+    users = sorted(u.op_type for u, _ in table.uses())
+    assert users == ["Gather", "Transpose"]
+    (transpose,) = [u for u, _ in table.uses() if u.op_type == "Transpose"]
+    assert [u.op_type for u, _ in transpose.outputs[0].uses()] == [head]
