@@ -161,14 +161,8 @@ class OnnxQDQ:
         dequant = self._node("DequantizeLinear", [gather.outputs[0], scale, zero],
                              f"{origin}.qdq.dq", ir.DataType.FLOAT, old.shape)
         self.graph.insert_before(node, [gather, dequant])
-        new = dequant.outputs[0]
-        if old.is_graph_output():  # keep the interface name
-            name, old.name = old.name, None
-            new.name = name
-        old.replace_all_uses_with(new, replace_graph_outputs=True)
-        self.graph.remove(node, safe=True)
+        self._rebind(node, dequant.outputs[0])
         self.weight_bytes += q.nbytes
-
 
     def _tied_embedding(self, layer: Layer) -> None:
         """Tied table: ``Cast(Gather(E.qdq.q, ids)) · Gather(scale[V, 1], ids)`` (per row)."""
