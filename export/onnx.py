@@ -32,6 +32,7 @@ import onnx_ir as ir
 import torch
 from torch import fx
 
+from graphpress.graph.capture import eval_mode
 from graphpress.graph.errors import ExportError
 from graphpress.graph.io import save
 
@@ -72,11 +73,9 @@ def to_onnx(
         )
     if not isinstance(args, tuple):
         args = (args,)
-    was_training = model.training
-    _set_training(model, False)
     chatter = io.StringIO()
     try:
-        with contextlib.redirect_stdout(chatter), warnings.catch_warnings():
+        with eval_mode(model), contextlib.redirect_stdout(chatter), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 model,
@@ -92,7 +91,6 @@ def to_onnx(
     except Exception as exc:  # the exporter raises many unrelated types
         raise ExportError(_describe_failure(exc, type(model).__name__)) from exc
     finally:
-        _set_training(model, was_training)
         if chatter.getvalue().strip():
             logger.debug("torch.onnx output:\n%s", chatter.getvalue().rstrip())
     if program is None:  # only the legacy exporter returns None
@@ -130,12 +128,6 @@ def _drop_debug_metadata(model: ir.Model) -> None:
         for node in graph:
             for key in DEBUG_METADATA_KEYS:
                 node.metadata_props.pop(key, None)
-
-
-def _set_training(model: torch.nn.Module, mode: bool) -> None:
-    # ExportedProgram.module() refuses eval()/train(); its graph is fixed anyway.
-    with contextlib.suppress(NotImplementedError):
-        model.train(mode)
 
 
 def _describe_failure(exc: Exception, what: str) -> str:

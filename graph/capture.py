@@ -9,11 +9,12 @@ accepted too: it is an ``nn.Module`` like any other and is simply exported again
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import traceback
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ from torch import fx
 from .errors import CaptureError
 from .kind import CANONICAL_MARK
 
-__all__ = ["capture"]
+__all__ = ["capture", "eval_mode"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,20 +52,35 @@ def capture(
         )
     if not isinstance(args, tuple):
         args = (args,)
-    was_training = model.training
-    model.eval()
     try:
-        program = torch.export.export(
-            model, args, kwargs=dict(kwargs or {}), dynamic_shapes=dynamic_shapes, strict=False
-        )
+        with eval_mode(model):
+            program = torch.export.export(
+                model, args, kwargs=dict(kwargs or {}), dynamic_shapes=dynamic_shapes,
+                strict=False,
+            )
         gm = program.module()
     except Exception as exc:  # torch.export raises many unrelated types
         raise CaptureError(_describe_failure(exc)) from exc
-    finally:
-        model.train(was_training)
     gm.meta[CANONICAL_MARK] = "aten"
     logger.debug("captured %s: %d nodes", type(model).__name__, len(gm.graph.nodes))
     return gm
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Put ``model`` in inference mode for the block and restore its mode afterwards.
+
+    ``ExportedProgram.module()`` graphs refuse ``eval()``/``train()`` (their graph is fixed
+    anyway), so for them this does nothing.
+    """
+    was_training = model.training
+    with contextlib.suppress(NotImplementedError):
+        model.eval()
+    try:
+        yield
+    finally:
+        with contextlib.suppress(NotImplementedError):
+            model.train(was_training)
 
 
 def _describe_failure(exc: Exception) -> str:

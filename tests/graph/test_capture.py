@@ -86,3 +86,12 @@ def test_clone_shares_tensors_but_not_structure():
     x = -torch.ones(2, 4)
     assert (gm(x) >= 0).all()  # the original still has its ReLU
     assert len(gm.graph.nodes) == len(copy.graph.nodes) + 1
+
+
+def test_exported_program_module_is_recaptured():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+    x = torch.randn(2, 4)
+    raw = torch.export.export(model, (x,)).module()  # refuses eval()/train()
+    gm = capture(raw, (x,))
+    assert is_canonical_fx(gm)
+    torch.testing.assert_close(gm(x), model(x))
