@@ -44,7 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("-p", "--pass", dest="passes", action="append", required=True,
                      metavar="SPEC", help="pass spec, e.g. dce or 'name:key=value'; repeatable")
     opt.add_argument("-o", "--output", required=True, help="where to write the optimised .onnx")
-    opt.add_argument("--report", help="also write a single-file HTML report here")
+    opt.add_argument("--report", help="also write a single-file HTML report here (with "
+                     "per-layer tables and plots of the passes that report layers)")
+    opt.add_argument("--plots", metavar="DIR",
+                     help="also write each per-layer plot as a PNG file in DIR, named "
+                     "<pass-index>-<pass-name>-<plot>.png (pass index from 1)")
     opt.add_argument("--json-report", help="also write the report as JSON here")
     opt.add_argument("--calibration", metavar="NPZ",
                      help="calibration inputs for passes that need them: an .npz with one "
@@ -127,6 +131,7 @@ def _optimize(args: argparse.Namespace) -> int:
             f"output {output} is the input model; choose another -o path (inputs are never "
             "overwritten)"
         )
+    _check_report_paths(args)
     original = graph.load(source)
     calibration = (
         _load_calibration(Path(args.calibration), args.calibration_batch)
@@ -137,12 +142,31 @@ def _optimize(args: argparse.Namespace) -> int:
     external = {"auto": None, "yes": True, "no": False}[args.external_data]
     graph.save(result.graph, output, external_data=external)
     print(result.report)
-    if args.report:
-        result.report.save_html(args.report, before=original, after=result.graph)
-    if args.json_report:
-        _write_text_atomic(Path(args.json_report), result.report.to_json())
+    try:
+        if args.report:
+            result.report.save_html(args.report, before=original, after=result.graph)
+        if args.plots:
+            written = result.report.save_plots(args.plots)
+            print(f"wrote {len(written)} plots to {args.plots}" if written else
+                  "no plots: no pass reported per-layer rows")
+        if args.json_report:
+            _write_text_atomic(Path(args.json_report), result.report.to_json())
+    except OSError as exc:
+        raise GraphpressError(
+            f"cannot write {exc.filename or 'the report'}: {exc.strerror or exc}; choose a "
+            "writable path for --report, --plots and --json-report"
+        ) from None
     print(f"wrote {output}")
     return 0
+
+
+def _check_report_paths(args: argparse.Namespace) -> None:
+    """Refuse report paths that cannot work before any pass runs (nothing is written then)."""
+    for option, value in (("--report", args.report), ("--json-report", args.json_report)):
+        if value and Path(value).is_dir():
+            raise GraphpressError(f"{option} {value} is a folder; give a file path")
+    if args.plots and Path(args.plots).exists() and not Path(args.plots).is_dir():
+        raise GraphpressError(f"--plots {args.plots} is a file; give a folder for the PNG plots")
 
 
 def _load_calibration(path: Path, batch: int) -> list[dict]:

@@ -40,11 +40,28 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PassResult:
-    """What a pass did: the (same) graph, whether it changed, and numbers worth reporting."""
+    """What a pass did: the (same) graph, whether it changed, and numbers worth reporting.
+
+    ``layers`` holds one row per rewritten layer: ``"layer"`` (its name, required), scalar
+    metrics (``rank``, ``energy_kept``, ``params_before``, ``output_error``, ``sparsity``...)
+    and optional series (``spectrum``: singular values, descending; ``error_curve``:
+    ``[params_fraction, relative_error]`` pairs). The report tabulates and plots them.
+    """
 
     graph: Graph
     modified: bool
     stats: Mapping[str, float] = field(default_factory=dict)
+    layers: tuple[Mapping[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        rows = tuple(dict(row) for row in self.layers)  # private copies, any iterable accepted
+        for i, row in enumerate(rows):
+            if not isinstance(row.get("layer"), str):
+                raise PostconditionError(
+                    f"PassResult.layers[{i}] has no 'layer' name (got keys {sorted(row)}); "
+                    "every per-layer row needs 'layer': str"
+                )
+        object.__setattr__(self, "layers", rows)
 
 
 @dataclass(frozen=True)

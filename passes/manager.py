@@ -124,7 +124,7 @@ class PassManager:
             records.append(
                 PassRecord(
                     pass_.name, pass_.spec(), result.modified, current, after, seconds,
-                    dict(result.stats),
+                    dict(result.stats), result.layers,
                 )
             )
             logger.info("%s: modified=%s in %.3f s", pass_.name, result.modified, seconds)

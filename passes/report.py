@@ -1,12 +1,17 @@
 """The report of an ``optimize()`` run: one row per pass, printable, JSON- and HTML-serialisable.
 
 Each row holds the pass spec, whether it modified the graph, nodes/params/bytes before and
-after, wall seconds and the pass's own stats. The compression ratio of the whole run is
-``bytes_before / bytes_after`` of the first and last rows (r = uncompressed / compressed).
+after, wall seconds, the pass's own stats and its per-layer rows (``PassResult.layers``). The
+compression ratio of the whole run is ``bytes_before / bytes_after`` of the first and last
+rows (r = uncompressed / compressed).
 
-``to_html`` writes one self-contained page (inline CSS, inline SVG, no script, nothing
-fetched): the pass table, the ratio, the before→after diff and the drawn graph. Every piece
-of text goes through ``html.escape``; ``save_html`` writes it atomically.
+The text table adds, per pass with layers, their scalar metrics (``passes/_layers.py``); JSON
+carries every row with its series (spectrum, error curve). ``to_html`` writes one
+self-contained page (inline CSS, inline SVG, PNG plots as ``data:`` URIs, no script, nothing
+fetched): the pass table, the ratio, per pass with layers a layer table and its plots
+(``passes/_plots.py``, drawn once per report), the before→after diff and the drawn graph.
+Every piece of text goes through ``html.escape``; ``save_html`` and ``save_plots`` write
+atomically.
 """
 
 from __future__ import annotations
@@ -19,13 +24,17 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from graphpress.graph.analysis import Measure
 from graphpress.graph.html import to_svg
 from graphpress.graph.kind import Graph, kind
 from graphpress.graph.printing import diff, summary
 
-__all__ = ["PassRecord", "Report"]
+from ._layers import LayerPlot, layer_text, layers_section, plain
+from ._layers import number as _num
+
+__all__ = ["LayerPlot", "PassRecord", "Report"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +48,7 @@ tr.changed td.changed { color: #0a6b2d; font-weight: bold; }
 pre { background: #fafafa; border: 1px solid #ddd; padding: 0.6em; overflow-x: auto; }
 .diff .add { color: #0a6b2d; } .diff .del { color: #a31515; } .diff .mod { color: #8a5a00; }
 .graph { overflow: auto; border: 1px solid #ddd; max-height: 80vh; }
+figure { display: inline-block; margin: 0.6em 0.6em 0 0; } img { max-width: 100%; }
 """
 
 
@@ -53,6 +63,7 @@ class PassRecord:
     after: Measure
     seconds: float
     stats: Mapping[str, float] = field(default_factory=dict)
+    layers: tuple[Mapping[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -80,14 +91,16 @@ class Report:
             "kind": self.kind,
             "compression_ratio": self.compression_ratio,
             "seconds": self.seconds,
-            "passes": [asdict(r) for r in self.records],
+            "passes": [
+                {**asdict(r), "layers": [plain(row) for row in r.layers]} for r in self.records
+            ],
         }
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, default=str)
 
     def table(self) -> str:
-        """A fixed-width text table, one line per pass."""
+        """A fixed-width text table, one line per pass, then the layers of passes that have them."""
         header = ("pass", "changed", "nodes", "params", "bytes", "seconds", "stats")
         rows = [header]
         for r in self.records:
@@ -107,13 +120,44 @@ class Report:
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         lines.append(f"compression ratio {self.compression_ratio:.2f}x in {self.seconds:.2f} s")
+        for index, r in enumerate(self.records, 1):
+            if r.layers:
+                lines += ["", f"layers of pass {index} {r.spec} ({len(r.layers)}):"]
+                lines += ["  " + line for line in layer_text(r.layers)]
         return "\n".join(lines)
+
+    def plots(self) -> tuple[LayerPlot, ...]:
+        """PNG plots of every pass that reported layers (drawn on first use, then kept)."""
+        cached = self.__dict__.get("_plots")
+        if cached is None:
+            from ._plots import layer_plots  # matplotlib only loads when plots are drawn
+
+            cached = tuple(
+                LayerPlot(index, r.name, plot, title, png)
+                for index, r in enumerate(self.records, 1)
+                if r.layers
+                for plot, title, png in layer_plots(r.layers)
+            )
+            object.__setattr__(self, "_plots", cached)  # a cache, not state: fields unchanged
+        return cached
+
+    def save_plots(self, folder: str | os.PathLike) -> list[Path]:
+        """Write each of :meth:`plots` to ``folder/<filename>`` atomically; the paths written."""
+        folder = Path(folder)
+        written = []
+        for plot in self.plots():
+            folder.mkdir(parents=True, exist_ok=True)
+            written.append(_write_atomic(folder / plot.filename, plot.png))
+        return written
 
     def __str__(self) -> str:
         return self.table()
 
-    def to_html(self, before: Graph | None = None, after: Graph | None = None) -> str:
-        """One self-contained HTML page: pass table, ratio, diff (both graphs given), drawing."""
+    def to_html(
+        self, before: Graph | None = None, after: Graph | None = None, *, plots: bool = True
+    ) -> str:
+        """One self-contained HTML page: pass table, ratio, per-layer tables and plots (none
+        with ``plots=False``), diff (both graphs given), drawing."""
         esc = html.escape
         head = "".join(f"<th>{h}</th>" for h in _HEADER)
         parts = [
@@ -123,6 +167,11 @@ class Report:
             f'<h2>Passes</h2><table class="passes"><thead><tr>{head}</tr></thead>'
             f"<tbody>{''.join(_html_row(r) for r in self.records)}</tbody></table>",
         ]
+        drawn_plots = self.plots() if plots else ()
+        for index, r in enumerate(self.records, 1):
+            if r.layers:
+                figures = [p for p in drawn_plots if p.index == index]
+                parts.append(layers_section(f"Layers of pass {index}: {r.spec}", r.layers, figures))
         if after is not None:
             text = esc(str(summary(after, before)))
             parts.append(f'<h2>Summary</h2><pre class="summary">{text}</pre>')
@@ -147,23 +196,31 @@ class Report:
         )
 
     def save_html(
-        self, path: str | os.PathLike, before: Graph | None = None, after: Graph | None = None
+        self,
+        path: str | os.PathLike,
+        before: Graph | None = None,
+        after: Graph | None = None,
+        *,
+        plots: bool = True,
     ) -> Path:
         """Write :meth:`to_html` to ``path`` atomically (temp file in the same folder, then rename)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        text = self.to_html(before, after)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(text)
-            os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is meant to be shared
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        logger.debug("wrote report %s", path)
-        return path
+        return _write_atomic(path, self.to_html(before, after, plots=plots).encode("utf-8"))
+
+
+def _write_atomic(path: Path, data: bytes) -> Path:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    logger.debug("wrote %s", path)
+    return path
 
 
 _HEADER = ("pass", "changed", "nodes", "params", "bytes", "seconds", "stats")
@@ -183,16 +240,6 @@ def _html_row(r: PassRecord) -> str:
         f'<td class="stats">{esc(stats)}</td>',
     )
     return f'<tr class="{"changed" if r.modified else "same"}">{"".join(cells)}</tr>'
-
-
-def _num(value: float) -> str:
-    if isinstance(value, float) and not value.is_integer():
-        return f"{value:.4g}"
-    value = int(value)
-    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(value) >= size:
-            return f"{value / size:.2f}{unit}"
-    return str(value)
 
 
 def _bytes(value: int) -> str:

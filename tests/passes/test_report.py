@@ -1,10 +1,17 @@
-"""Report: text table, JSON, and the self-contained HTML page (table, ratio, diff, SVG)."""
+"""Report: text table, JSON, and the self-contained HTML page (table, ratio, diff, SVG), with
+per-layer rows (tables, JSON, PNG plots)."""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
+from dataclasses import dataclass
 from html.parser import HTMLParser
+from types import MappingProxyType
+from typing import ClassVar
 
+import matplotlib.image
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -12,8 +19,9 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from graphpress.graph import capture, clone, load, measure
+from graphpress.graph.errors import PostconditionError
 from graphpress.graph.onnx import add_initializer, mark
-from graphpress.passes import PassRecord, Report
+from graphpress.passes import Pass, PassRecord, PassResult, Report, optimize
 
 
 def _model():
@@ -175,3 +183,172 @@ def test_optimize_report_html_with_builtin_pass():
     page = _Page()
     page.feed(result.report.to_html(model, result.graph))
     assert [row[0] for row in page.rows] == ["dce"] and "svg" in page.tags
+
+
+# --- per-layer rows (PassResult.layers): carried by the manager, printed, serialised, plotted
+
+
+@dataclass(frozen=True)
+class ReportLayers(Pass):
+    """Test pass: leaves the graph alone and reports each constant MatMul weight's SVD."""
+
+    name: ClassVar[str] = "report-layers"
+    supports: ClassVar[frozenset[str]] = frozenset({"onnx"})
+
+    def run_onnx(self, model):
+        rows = []
+        for node in model.graph:
+            weight = node.inputs[1].const_value if node.op_type == "MatMul" else None
+            if weight is not None:
+                w = weight.numpy()
+                s = np.linalg.svd(w, compute_uv=False)
+                rows.append({"layer": node.name, "shape": w.shape, "rank": 1,
+                             "max_rank": min(w.shape), "energy_kept": s[0] ** 2 / np.sum(s**2),
+                             "spectrum": s, "error_curve": [[0.5, 0.4], [1.0, 0.0]],
+                             "params_before": w.size, "params_after": sum(w.shape)})
+        return PassResult(model, False, {"layers_seen": len(rows)}, layers=rows)
+
+
+def _svd_model():
+    w = numpy_helper.from_array(
+        np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32), "w"
+    )
+    node = helper.make_node("MatMul", ["x", "w"], ["y"], name="enc.<em>fc</em>")
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], [w],
+    )
+    return load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def _layer_report(rows) -> Report:
+    m = measure(_model())
+    records = (
+        PassRecord("dce", "dce", False, m, m, 0.01),
+        PassRecord("factor-low-rank", "factor-low-rank:rank=2", True, m, m, 0.5, {}, rows),
+    )
+    return Report(records, "onnx")
+
+
+def _low_rank_rows(n: int) -> tuple[dict, ...]:
+    rows = []
+    for i in range(n):
+        s = np.geomspace(8.0, 0.01, 12)
+        rows.append({"layer": f"layer.{i}.fc", "shape": (12, 16), "rank": 2 + i % 3,
+                     "max_rank": 12, "output_error": 0.01 * (i + 1), "spectrum": s.tolist(),
+                     "error_curve": [[f, 1 - f] for f in (0.25, 0.5, 1.0)],
+                     "params_before": 192, "params_after": 56})
+    return tuple(rows)
+
+
+def test_pass_result_layers_default_copy_and_names():
+    model = _model()
+    assert PassResult(model, False).layers == ()
+    source = [MappingProxyType({"layer": "fc", "rank": 4})]
+    result = PassResult(model, True, layers=source)
+    assert result.layers == ({"layer": "fc", "rank": 4},) and isinstance(result.layers, tuple)
+    assert type(result.layers[0]) is dict and result.layers[0] is not source[0]
+    with pytest.raises(PostconditionError, match=r"layers\[1\] has no 'layer'"):
+        PassResult(model, True, layers=[{"layer": "a"}, {"rank": 4}])
+
+
+def test_manager_carries_layers_into_report_and_json():
+    model = _svd_model()
+    result = optimize(model, [ReportLayers()])
+    record = result.report.records[0]
+    s = np.linalg.svd(model.graph.initializers["w"].const_value.numpy(), compute_uv=False)
+    assert [row["layer"] for row in record.layers] == ["enc.<em>fc</em>"]
+    np.testing.assert_allclose(record.layers[0]["spectrum"], s)
+    data = json.loads(result.report.to_json())
+    row = data["passes"][0]["layers"][0]
+    assert row["shape"] == [6, 4] and row["max_rank"] == 4 and row["params_after"] == 10
+    assert row["spectrum"] == pytest.approx(s.tolist()) and len(row["spectrum"]) == 4
+    assert row["energy_kept"] == pytest.approx(float(s[0] ** 2 / np.sum(s**2)))
+    assert row["error_curve"] == [[0.5, 0.4], [1.0, 0.0]]
+    text = str(result.report)
+    assert "layers of pass 1 report-layers (1):" in text and "enc.<em>fc</em>  6×4" in text
+
+
+def test_text_table_shows_scalar_metrics_of_at_most_40_layers():
+    text = _layer_report(_low_rank_rows(45)).table()
+    lines = text.splitlines()
+    start = lines.index("layers of pass 2 factor-low-rank:rank=2 (45):")
+    assert lines[start + 1].split() == ["layer", "shape", "rank", "max_rank", "output_error",
+                                        "params_before", "params_after"]
+    assert lines[start + 3].split() == ["layer.0.fc", "12×16", "2", "12", "0.01", "192", "56"]
+    assert sum(line.startswith("  layer.") for line in lines) == 40
+    assert lines[-1].strip() == "... 5 more layers (the JSON and HTML reports have all)"
+    assert "spectrum" not in text and "error_curve" not in text
+    assert "layers of" not in _report(_model(), _model()).table()
+
+
+class _Images(HTMLParser):
+    """Collects img sources, the cells of table.layers and every tag name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[str] = []
+        self.cells: list[str] = []
+        self.tags: list[str] = []
+        self._in_layers = self._in_cell = False
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.tags.append(tag)
+        if tag == "img":
+            self.images.append(attrs["src"])
+        self._in_layers |= tag == "table" and attrs.get("class") == "layers"
+        if tag == "td" and self._in_layers:
+            self.cells.append("")
+            self._in_cell = True
+
+    def handle_endtag(self, tag):
+        self._in_cell &= tag != "td"
+        self._in_layers &= tag != "table"
+
+    def handle_data(self, data):
+        if self._in_cell:
+            self.cells[-1] += data
+
+
+def test_html_embeds_png_plots_and_the_layer_table():
+    report = _layer_report(_low_rank_rows(3))
+    page = _Images()
+    page.feed(report.to_html())
+    assert "script" not in page.tags and "link" not in page.tags
+    assert page.cells[:7] == ["layer.0.fc", "12×16", "2", "12", "0.01", "192", "56"]
+    assert len(page.cells) == 3 * 7
+    titles = [p.plot for p in report.plots()]
+    assert titles == ["spectra", "error-curve", "output-error", "rank"]
+    assert len(page.images) == 4
+    for src in page.images:
+        assert src.startswith("data:image/png;base64,")
+        png = base64.b64decode(src.split(",", 1)[1], validate=True)
+        image = matplotlib.image.imread(io.BytesIO(png), format="png")
+        assert image.shape[0] > 100 and image.shape[1] > 100 and image[..., :3].std() > 0.05
+    assert report.plots() is report.plots()  # drawn once per report
+    plain = _Images()
+    plain.feed(report.to_html(plots=False))
+    assert not plain.images and plain.cells == page.cells
+
+
+def test_html_escapes_layer_names():
+    report = optimize(_svd_model(), [ReportLayers()]).report
+    text = report.to_html()
+    page = _Images()
+    page.feed(text)
+    assert "em" not in page.tags and page.cells[0] == "enc.<em>fc</em>"
+    assert "enc.&lt;em&gt;fc&lt;/em&gt;" in text
+
+
+def test_save_plots_writes_named_pngs_atomically(tmp_path):
+    report = _layer_report(_low_rank_rows(3))
+    written = report.save_plots(tmp_path / "plots")
+    names = ["2-factor-low-rank-spectra.png", "2-factor-low-rank-error-curve.png",
+             "2-factor-low-rank-output-error.png", "2-factor-low-rank-rank.png"]
+    assert [p.name for p in written] == names
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == sorted(names)
+    for path, plot in zip(written, report.plots()):
+        assert path.read_bytes() == plot.png and path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert _report(_model(), _model()).save_plots(tmp_path / "none") == []
+    assert not (tmp_path / "none").exists()
