@@ -44,6 +44,7 @@ def _load_builtin_passes() -> None:
     from . import (  # noqa: F401 (importing registers the passes)
         cleanup,
         fold,
+        fuse_attention,
         quantize,
     )
 
