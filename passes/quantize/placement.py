@@ -13,7 +13,8 @@ through ``DequantizeLinear``:
 
 Mask taint: the values computed from integer/bool graph inputs (an attention mask, position
 ids) through anything but a lookup index are *tainted*; taint stops at ``Softmax`` (its output
-is a probability again) and at ``Gather`` indices. A layer whose activation is tainted is never
+is a probability again), at fused attention (``MultiHeadAttention``: a weighted average of the
+values, whatever the mask bias) and at ``Gather`` indices. A layer whose activation is tainted is never
 quantized, and neither is an activation whose calibrated range is absurd
 (:func:`~._qparams.range_is_absurd`: ±inf, ``|x| ≥ 1e6``, or one side 1e4× the other).
 Exclusion patterns (``fnmatch``) match a layer's node name or any of its input value names.
@@ -36,7 +37,8 @@ logger = logging.getLogger(__name__)
 
 _FLOATS = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
 #: Ops after which a tainted value is meaningful again (or whose output is an index/shape).
-_TAINT_STOPS = {"Softmax", "LayerNormalization", "Shape", "Size"}
+_TAINT_STOPS = {"Softmax", "LayerNormalization", "Shape", "Size", "MultiHeadAttention",
+                "Attention", "GroupQueryAttention"}
 
 
 @dataclass(frozen=True)

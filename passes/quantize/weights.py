@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import onnx_ir as ir
 
-from graphpress.graph.errors import PassSpecError, PreconditionError
+from graphpress.graph.errors import PassSpecError
 
 from .._collect import collect
 from .._rewrite import drop_unused_constants, remove_node_onnx, value_names
@@ -52,18 +52,20 @@ class QuantizeWeights(Pass):
          the block); FX ``aten.embedding(E, ids)`` → the same on gathered rows.
       3. A constant used by several sites (tied embedding/LM head) is quantized once (RTN) and
          its packed tensors are shared.
-      4. ``gptq``: codes by GPTQ (act-order optional) on each layer's calibration Hessian;
+      4. ``gptq``: codes by GPTQ (act-order optional) on each layer's calibration Hessian
+         (the statistics of its input: ONNX value ``x`` / FX node ``x`` of ``linear(x, W)``);
          ``awq``: layers reading the same input share one scale ``s`` and one new
-         ``Mul(x, 1/s)``. Shared weights fall back to Rule 3.
+         ``Mul(x, 1/s)`` (FX: ``aten.mul`` by a new ``1/s`` buffer). Shared weights fall back
+         to Rule 3.
       5. Skipped: names matching ``exclude`` (fnmatch, node or weight name), ``K < 16``,
          weights whose packed form is not smaller than the float tensor, and weights also read
          by a node that is not quantized (a tied table whose other use stays float): the
          float tensor stays and stays shared, so the model never grows.
 
-    **Requires** calibration batches for ``gptq``/``awq``; ``auto`` (the default) runs GPTQ
-    when calibration batches are given (best quality in the benchmark: cosine 0.989 vs 0.974
-    for RTN on all-MiniLM-L6-v2 at 4-bit, block 32) and RTN otherwise. **Ensures** the graph
-    interface is unchanged.
+    **Requires** calibration batches for ``gptq``/``awq``, on FX and ONNX alike; ``auto`` (the
+    default) runs GPTQ when calibration batches are given (best quality in the benchmark:
+    cosine 0.989 vs 0.974 for RTN on all-MiniLM-L6-v2 at 4-bit, block 32) and RTN otherwise.
+    **Ensures** the graph interface is unchanged.
     """
 
     name: ClassVar[str] = "quantize-weights"
@@ -109,17 +111,17 @@ class QuantizeWeights(Pass):
         return PassResult(model, stats["weights_quantized"] > 0, stats)
 
     def run_fx(self, gm, calibration: Any = None) -> PassResult:
-        from ._nbits_fx import quantize_fx
+        from ._nbits_fx import find_fx_sites, quantize_fx_sites
 
-        if self.algorithm == "auto":  # GPTQ/AWQ are ONNX-only: FX runs RTN
-            return replace(self, algorithm="rtn").run_fx(gm)
-        if self.algorithm != "rtn":
-            raise PreconditionError(
-                f"quantize-weights: algorithm={self.algorithm} is implemented for ONNX only; "
-                "export with graphpress.export.to_onnx first, or use algorithm=rtn on FX")
-        return quantize_fx(gm, lambda w: quantize_rtn(w, self.bits, self.block_size,
-                                                        self.symmetric, self.clip_search),
-                           self.name, embeddings=self.embeddings, exclude=self.exclude)
+        if self.algorithm == "auto":
+            return self.resolved(calibration).run_fx(gm, calibration)
+        start = time.perf_counter()
+        sites = find_fx_sites(gm, embeddings=self.embeddings, exclude=self.exclude)
+        stats = quantize_fx_sites(gm, sites, self._quantizer, self.name, self._plan(
+            gm, sites, calibration), layout=(self.bits, self.block_size, self.symmetric))
+        stats["seconds"] = time.perf_counter() - start
+        stats["gptq"] = float(self.algorithm == "gptq")
+        return PassResult(gm, stats["weights_quantized"] > 0, stats)
 
     def _quantizer(self, w: np.ndarray, stats: InputStats | None) -> BlockQuant:
         if self.algorithm == "gptq" and stats is not None:
@@ -127,8 +129,9 @@ class QuantizeWeights(Pass):
                         act_order=self.act_order)
         return quantize_rtn(w, self.bits, self.block_size, self.symmetric, self.clip_search)
 
-    def _plan(self, model: ir.Model, sites: list[Site], calibration: Any) -> dict[str, Any]:
-        """Calibration statistics per activation name for the unshared linear sites."""
+    def _plan(self, graph: Any, sites: list, calibration: Any) -> dict[str, Any]:
+        """Calibration statistics per activation name for the unshared linear sites (ONNX
+        ``Site`` or FX ``FxSite``: ``key``, ``op``, ``x.name``; ``graph`` of either kind)."""
         if self.algorithm == "rtn":
             return {}
         uses: dict[tuple, int] = {}
@@ -143,7 +146,7 @@ class QuantizeWeights(Pass):
             found[name].update(array)
 
         if names:
-            collect(model, calibration, names, consume)
+            collect(graph, calibration, names, consume)
         return {"stats": found, "awq": self.algorithm == "awq"}
 
 
