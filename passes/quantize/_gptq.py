@@ -30,7 +30,7 @@ import torch
 
 from ._blockwise import BlockQuant, quantize_rtn, quantize_with, search_params
 
-__all__ = ["InputStats", "gptq", "awq_scales"]
+__all__ = ["InputStats", "gptq", "awq_scales", "output_error"]
 
 logger = logging.getLogger(__name__)
 
@@ -142,3 +142,12 @@ def awq_scales(weights: list[np.ndarray], stats: InputStats, bits: int, block_si
         if err < best[2]:
             best = (s, float(alpha), err)
     return best[0], best[1], best[2] / norm
+
+
+def output_error(x_stats: InputStats, w: np.ndarray, bq: BlockQuant, s) -> float:
+    """Relative layer output error ``‖XŴᵀ − XWᵀ‖/‖XWᵀ‖`` on the sampled calibration rows."""
+    x = x_stats.rows_sample()
+    ref = x @ w.T.astype(np.float64)
+    deq = bq.dequantize().astype(np.float64)
+    got = (x / s) @ deq.T if s is not None else x @ deq.T
+    return float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30))

@@ -36,7 +36,7 @@ from graphpress.graph.fx import add_tensor, get_tensor, mark
 from .._rewrite import remove_dead_fx, require_canonical
 from ..base import PassResult
 from ._blockwise import BlockQuant, pack, packed_bytes, quantize_rtn
-from ._gptq import InputStats, awq_scales
+from ._gptq import InputStats, awq_scales, output_error
 
 __all__ = ["FxSite", "find_fx_sites", "quantize_fx_sites", "quantize_fx"]
 
@@ -104,7 +104,6 @@ def quantize_fx_sites(gm: fx.GraphModule, sites: list[FxSite], quantizer: Quanti
     or empty; ``layout`` ``(bits, block_size, symmetric)`` lets the size rule run before the
     codes are computed and is required with a plan (AWQ and the RTN reference error need it).
     """
-    from .weights import _output_error  # IR-free, shared with the ONNX path
 
     if plan and layout is None:
         raise ValueError("quantize_fx_sites: a calibrated plan needs layout=(bits, block, sym)")
@@ -144,8 +143,8 @@ def quantize_fx_sites(gm: fx.GraphModule, sites: list[FxSite], quantizer: Quanti
             stats["skipped_small"] += 1
             continue
         if x_stats is not None and x_stats.sample:
-            errors.append(_output_error(x_stats, w, bq, None if scale is None else scale[0]))
-            rtn_errors.append(_output_error(x_stats, w, quantize_rtn(w, *layout), None))
+            errors.append(output_error(x_stats, w, bq, None if scale is None else scale[0]))
+            rtn_errors.append(output_error(x_stats, w, quantize_rtn(w, *layout), None))
         with gm.graph.inserting_before(group[0].node):
             deq = _dequantize_nodes(gm, group[0].key, bq, tensor.dtype, pass_name)
         for site in group:  # Rules 1-3

@@ -29,7 +29,7 @@ from .._rewrite import drop_unused_constants, remove_node_onnx, value_names
 from ..base import Pass, PassResult
 from ..registry import register
 from ._blockwise import BlockQuant, fp16_exact, packed_bytes, quantize_rtn
-from ._gptq import InputStats, awq_scales, gptq
+from ._gptq import InputStats, awq_scales, gptq, output_error
 from ._nbits_onnx import MS, Packed, Site, find_sites, rewrite_site
 
 __all__ = ["QuantizeWeights", "quantize_sites"]
@@ -188,8 +188,8 @@ def quantize_sites(model: ir.Model, sites: list[Site], quantizer: Callable, pass
         else:
             bq = quantizer(w, x_stats)
         if x_stats is not None and x_stats.sample:
-            errors.append(_output_error(x_stats, w, bq, None if scale is None else scale[0]))
-            rtn_errors.append(_output_error(x_stats, w, quantize_rtn(w, bits, block_size,
+            errors.append(output_error(x_stats, w, bq, None if scale is None else scale[0]))
+            rtn_errors.append(output_error(x_stats, w, quantize_rtn(w, bits, block_size,
                                                                      symmetric), None))
         # scales chosen as float16 values are stored as float16 (Cast back where needed)
         packed = Packed(bq, np.dtype(np.float16) if fp16_exact(bq.scales) else w.dtype, w.dtype)
@@ -225,15 +225,6 @@ def _read_elsewhere(group: list[Site]) -> bool:
     return (source.is_graph_output() or any(id(use.node) not in mine for use in source.uses())
             or any(v.is_graph_output() or any(id(u.node) not in sites for u in v.uses())
                    for v in extra))
-
-
-def _output_error(x_stats: InputStats, w: np.ndarray, bq: BlockQuant, s) -> float:
-    """Relative layer output error ``‖XŴᵀ − XWᵀ‖/‖XWᵀ‖`` on the sampled calibration rows."""
-    x = x_stats.rows_sample()
-    ref = x @ w.T.astype(np.float64)
-    deq = bq.dequantize().astype(np.float64)
-    got = (x / s) @ deq.T if s is not None else x @ deq.T
-    return float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
 def _awq(graph, todo, found, bits, block_size, symmetric, pass_name, taken, stats):
