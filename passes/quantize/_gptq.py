@@ -10,7 +10,10 @@ column's error over the columns not yet quantized so that ``‖XŴᵀ − XWᵀ�
 (``H⁻¹ = UᵀU``), column ``j`` is quantized to ``q_j`` and the error ``e = (w_j − q_j)/U_jj``
 updates ``W_:,j+1: −= e·U_j,j+1:`` (within a lazy batch of 128 columns; the batch's errors
 ``E`` update the rest at once: ``W_:,rest −= E·U_batch,rest``). Act-order permutes the columns
-by descending ``diag H`` first (and un-permutes the codes at the end). A block's scale/zero
+by descending ``diag H`` first (and un-permutes the codes at the end). Weights that are
+exactly zero (a sparsified layer) keep code = zero point, so they dequantize to exactly 0;
+the error of holding them at zero is spread over the remaining columns like any other (as
+SparseGPT does with its mask). A block's scale/zero
 point is chosen when the first of its columns comes up, from the current (error-updated)
 values of all its columns, so the scales follow the contiguous blocks ORT's ``MatMulNBits``
 expects whatever the order.
@@ -83,6 +86,7 @@ def gptq(w: np.ndarray, hessian: np.ndarray, bits: int, block_size: int, symmetr
     perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
     pos = np.argsort(perm)
     work = np.array(w, np.float64)[:, perm]
+    pruned = work == 0  # exact zeros (a sparsified weight) stay zero: code = zero point
     h = h[np.ix_(perm, perm)]
     h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
     lower = torch.linalg.cholesky(torch.from_numpy(h))  # H = LLᵀ, H⁻¹ = L⁻ᵀL⁻¹
@@ -101,11 +105,12 @@ def gptq(w: np.ndarray, hessian: np.ndarray, bits: int, block_size: int, symmetr
                 cols = pos[g * block_size: min((g + 1) * block_size, k)]
                 inside = (cols >= i1) & (cols < i2)
                 values = np.where(inside, w1[:, np.clip(cols - i1, 0, i2 - i1 - 1)], work[:, cols])
+                values = np.where(pruned[:, cols], 0.0, values)
                 s, z = search_params(values[:, None, :], bits, symmetric)
                 scales[:, g], zeros[:, g], have[g] = s[:, 0], z[:, 0], True
             col = w1[:, i]
             s, z = scales[:, g].astype(np.float32).astype(np.float64), zeros[:, g]
-            q = quantize_with(col[:, None], s, z, bits)[:, 0]
+            q = np.where(pruned[:, i1 + i], z, quantize_with(col[:, None], s, z, bits)[:, 0])
             err = (col - (q - z) * s) / u1[i, i]
             w1[:, i:] -= np.outer(err, u1[i, i:])
             err1[:, i] = err
