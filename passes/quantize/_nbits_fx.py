@@ -35,8 +35,9 @@ from graphpress.graph.fx import add_tensor, get_tensor, mark
 
 from .._rewrite import remove_dead_fx, require_canonical
 from ..base import PassResult
-from ._blockwise import BlockQuant, pack, packed_bytes, quantize_rtn
+from ._blockwise import BlockQuant, quantize_rtn
 from ._gptq import InputStats, awq_scales, output_error
+from ._packing import packed_bytes
 
 __all__ = ["FxSite", "find_fx_sites", "quantize_fx_sites", "quantize_fx"]
 
@@ -207,7 +208,7 @@ def _dequantize_nodes(gm: fx.GraphModule, origin: str, bq: BlockQuant, dtype: to
         name = add_tensor(gm, f"{origin}.{tag}.{role}", torch.from_numpy(np.ascontiguousarray(array)))
         return mark(graph.get_attr(name), pass_name)
 
-    codes = buffer("codes", pack(bq.q, bq.bits, bq.block_size).reshape(n, -1))
+    codes = buffer("codes", bq.packed().reshape(n, -1))
     scales = buffer("scales", bq.scales.astype(np.float32)[..., None])
     packed = mark(graph.call_function(_aten._to_copy.default, (codes,), {"dtype": torch.float32}),
                   pass_name)

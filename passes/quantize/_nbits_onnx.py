@@ -27,7 +27,8 @@ import onnx_ir as ir
 from graphpress.graph.onnx import add_initializer, mark, unique_name
 
 from .._rewrite import bypass_onnx, onnx_const
-from ._blockwise import BlockQuant, pack, pack_zero_points
+from ._blockwise import BlockQuant
+from ._packing import pack_zero_points
 
 __all__ = ["Site", "Packed", "find_sites", "rewrite_site", "MS"]
 
@@ -66,7 +67,11 @@ def _const_2d(value: ir.Value | None) -> tuple[ir.Value, bool, list[ir.Value]] |
     ``Transpose(perm=[1, 0])`` of one."""
     if value is None:
         return None
-    array = onnx_const(value)
+    tensor = None if value.is_graph_input() else value.const_value
+    if tensor is not None:  # dtype and shape only: reading the data copies it
+        ok = len(tensor.shape) == 2 and tensor.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16)
+        return (value, False, []) if ok else None
+    array = onnx_const(value)  # a Constant node
     if array is not None:
         ok = array.ndim == 2 and array.dtype in (np.float32, np.float16)
         return (value, False, []) if ok else None
@@ -136,10 +141,9 @@ class Packed:
     def values(self, graph: ir.Graph, base: str, tag: str, pass_name: str, taken: set[str]):
         if self.codes is None:
             bq = self.bq
-            n = bq.q.shape[0]
+            codes = bq.packed()
             self.codes = add_initializer(graph, f"{base}.{tag}.codes",
-                                         pack(bq.q, bq.bits, bq.block_size).reshape(n, -1), pass_name,
-                                         taken)
+                                         codes.reshape(codes.shape[0], -1), pass_name, taken)
             self.scales = add_initializer(graph, f"{base}.{tag}.scales",
                                           bq.scales.astype(self.dtype), pass_name, taken)
             if bq.zero_points is not None:

@@ -28,9 +28,10 @@ from .._collect import collect
 from .._rewrite import drop_unused_constants, remove_node_onnx, value_names
 from ..base import Pass, PassResult
 from ..registry import register
-from ._blockwise import BlockQuant, fp16_exact, packed_bytes, quantize_rtn
+from ._blockwise import BlockQuant, fp16_exact, quantize_rtn
 from ._gptq import InputStats, awq_scales, gptq, output_error
 from ._nbits_onnx import MS, Packed, Site, find_sites, rewrite_site
+from ._packing import packed_bytes
 
 __all__ = ["QuantizeWeights", "quantize_sites"]
 

@@ -18,15 +18,14 @@ from graphpress.graph.analysis import measure
 from graphpress.graph.errors import PassSpecError, PreconditionError
 from graphpress.passes import from_spec, optimize
 from graphpress.passes.quantize import QuantizeWeights
-from graphpress.passes.quantize._blockwise import (
-    fp16_exact,
+from graphpress.passes.quantize._blockwise import fp16_exact, quantize_rtn
+from graphpress.passes.quantize._gptq import InputStats, awq_scales, gptq
+from graphpress.passes.quantize._packing import (
     pack,
     pack_zero_points,
-    quantize_rtn,
     unpack,
     unpack_zero_points,
 )
-from graphpress.passes.quantize._gptq import InputStats, awq_scales, gptq
 
 F, I64 = TensorProto.FLOAT, TensorProto.INT64
 RNG = np.random.default_rng(0)
