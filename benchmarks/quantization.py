@@ -21,8 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, markdown_table, write  # noqa: E402
 from _eval import (  # noqa: E402
@@ -34,6 +32,7 @@ from _eval import (  # noqa: E402
     session,
     topk_agreement,
 )
+from _minilm import export, latency_feed, load_batches, save_batches, tokenize  # noqa: E402
 
 logger = logging.getLogger("benchmarks.quantization")
 
@@ -66,13 +65,6 @@ VARIANTS = [
 ]
 
 
-def _calibration(path: str) -> list[dict[str, np.ndarray]]:
-    data = np.load(path)
-    count = len(data.files) // 2
-    return [{"input_ids": data[f"ids{i}"], "attention_mask": data[f"mask{i}"]}
-            for i in range(count)]
-
-
 class _Reader:
     """ORT's CalibrationDataReader protocol over the saved calibration batches (ORT's GPTQ
     iterates over the reader instead of calling ``get_next``)."""
@@ -101,7 +93,7 @@ def quantize_job(kind: str, param, src: str, dst: str, calib: str, *, prepare_on
         if prepare_only:
             gp.passes.registered()  # import the pass modules before the clock starts
             return
-        result = gp.optimize(src, param.split("+"), calibration=_calibration(calib))
+        result = gp.optimize(src, param.split("+"), calibration=load_batches(calib))
         gp.save(result.graph, dst)
         return
     import onnx
@@ -113,14 +105,14 @@ def quantize_job(kind: str, param, src: str, dst: str, calib: str, *, prepare_on
     if kind == "ort-dynamic":
         q.quantize_dynamic(src, dst, per_channel=True, weight_type=q.QuantType.QInt8)
     elif kind == "ort-static":
-        q.quantize_static(src, dst, _Reader(_calibration(calib)), quant_format=q.QuantFormat.QDQ,
+        q.quantize_static(src, dst, _Reader(load_batches(calib)), quant_format=q.QuantFormat.QDQ,
                           activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
                           per_channel=True, calibrate_method=getattr(q.CalibrationMethod, param))
     else:
         algorithm, block = param
         if algorithm == "gptq":
             config = nbits.GPTQWeightOnlyQuantConfig(
-                calibration_data_reader=_Reader(_calibration(calib)), block_size=block)
+                calibration_data_reader=_Reader(load_batches(calib)), block_size=block)
         else:
             config = nbits.DefaultWeightOnlyQuantConfig(
                 block_size=block, is_symmetric=True, op_types_to_quantize=("MatMul", "Gather"),
@@ -129,39 +121,6 @@ def quantize_job(kind: str, param, src: str, dst: str, calib: str, *, prepare_on
                                                is_symmetric=True, algo_config=config)
         quantizer.process()
         quantizer.model.save_model_to_file(dst, use_external_data_format=False)
-
-
-def _tokenize(tokenizer, sentences, batch: int) -> list[dict[str, np.ndarray]]:
-    out = []
-    for i in range(0, len(sentences), batch):
-        enc = tokenizer(sentences[i:i + batch], padding=True, truncation=True, max_length=128,
-                        return_tensors="np")
-        out.append({"input_ids": enc["input_ids"].astype(np.int64),
-                    "attention_mask": enc["attention_mask"].astype(np.int64)})
-    return out
-
-
-def _export(model, tokenizer, path: Path) -> None:
-    import torch
-
-    import graphpress as gp
-
-    enc = tokenizer(["a short sentence", "and a second, somewhat longer sentence"],
-                    padding=True, return_tensors="pt")
-    inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    seq = torch.export.Dim("seq", min=2, max=512)
-    dims = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
-    gp.export.save(gp.export.to_onnx(model, (), inputs, dynamic_shapes=dims), path)
-
-
-def _latency_feed(tokenizer, batch: int) -> dict[str, np.ndarray]:
-    from graphpress.data import stdlib_sentences
-
-    text = " ".join(stdlib_sentences(40, offset=500))
-    enc = tokenizer([text] * batch, truncation=True, max_length=128, return_tensors="np")
-    return {"input_ids": enc["input_ids"].astype(np.int64),
-            "attention_mask": enc["attention_mask"].astype(np.int64)}
 
 
 def main() -> None:
@@ -179,16 +138,15 @@ def main() -> None:
 
     n_eval, n_cal, rounds = (64, 16, (10, 3)) if args.quick else (320, 128, (60, 15))
     model, tokenizer = load_minilm()
-    evaluation = _tokenize(tokenizer, stdlib_sentences(n_eval, offset=0), 32)
-    calibration = _tokenize(tokenizer, stdlib_sentences(n_cal, offset=1000), 16)
+    evaluation = tokenize(tokenizer, stdlib_sentences(n_eval, offset=0), 32)
+    calibration = tokenize(tokenizer, stdlib_sentences(n_cal, offset=1000), 16)
     work = Path(tempfile.mkdtemp(prefix="graphpress-quant-bench-"))
     fp32 = work / "fp32.onnx"
     start = time.perf_counter()
-    _export(model, tokenizer, fp32)
+    export(model, tokenizer, fp32)
     logger.info("exported fp32 in %.1f s to %s", time.perf_counter() - start, fp32)
     calib = str(work / "calibration.npz")
-    np.savez(calib, **{f"{k}{i}": b[n] for i, b in enumerate(calibration)
-                       for k, n in (("ids", "input_ids"), ("mask", "attention_mask"))})
+    save_batches(calib, calibration)
     reference = embed(session(fp32), evaluation)
     fp32_bytes = model_bytes(fp32)
     rows = [{"variant": "fp32 (ORT)", "size_mb": fp32_bytes / 1e6, "ratio": 1.0,
@@ -231,7 +189,7 @@ def _measure_latency(rows: list[dict], tokenizer, rounds: tuple[int, int]) -> No
     ok = [r for r in rows if "path" in r]
     sessions = {r["variant"]: session(r["path"]) for r in ok}
     for batch, count in ((1, rounds[0]), (16, rounds[1])):
-        med = latencies(sessions, _latency_feed(tokenizer, batch), rounds=count)
+        med = latencies(sessions, latency_feed(tokenizer, batch), rounds=count)
         base = med["fp32 (ORT)"]
         for r in ok:
             r[f"b{batch}_ms"] = med[r["variant"]] * 1e3

@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 #: Exact passes run on the FX graph before export.
 EXACT_PASSES = ("eliminate-identity", "fold-batchnorm", "fold-constants", "dce")
 #: Compressing passes run on the exported ONNX model (grows as issues land).
-COMPRESS_PASSES = ("quantize-dynamic",)
+COMPRESS_PASSES = ("fuse-attention", "quantize-dynamic")
 CALIBRATION_OFFSET = 1000  # calibration sentences start here; evaluation starts at 0
 
 
