@@ -45,6 +45,7 @@ def _load_builtin_passes() -> None:
         cleanup,
         fold,
         fuse_attention,
+        low_rank,
         quantize,
         sparsify,
     )
