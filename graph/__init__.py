@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .analysis import Measure, measure, op_name, to_networkx
 from .capture import capture
+from .channels import ChannelGroup, ChannelUse, channel_groups
 from .errors import (
     CaptureError,
     ExportError,
@@ -27,6 +28,7 @@ from .printing import GraphDiff, NodeChange, Summary, diff, format, summary
 from .verify import verify
 
 __all__ = [
+    "ChannelGroup", "ChannelUse", "channel_groups",
     "Graph",
     "GraphKind",
     "GraphDiff",

@@ -12,6 +12,8 @@ from __future__ import annotations
 from graphpress import export, graph, passes
 from graphpress.graph import (
     CaptureError,
+    ChannelGroup,
+    ChannelUse,
     ExportError,
     GraphpressError,
     ModelLoadError,
@@ -22,6 +24,7 @@ from graphpress.graph import (
     UnsupportedGraphError,
     VerificationError,
     capture,
+    channel_groups,
     clone,
     diff,
     format,
@@ -61,7 +64,7 @@ __all__ = [
     "UnsafeExternalDataError",
     "UnsupportedGraphError",
     "VerificationError",
-    "capture",
+    "ChannelGroup", "ChannelUse", "capture", "channel_groups",
     "clone",
     "diff",
     "format",

@@ -8,6 +8,7 @@ code 2, writing no output and leaving the input untouched. Outputs are written a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -38,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("model", help="path to an .onnx file")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
     inspect.add_argument("--graph", action="store_true", help="also print every node")
+    inspect.add_argument("--groups", action="store_true",
+                         help="also print the coupled channel groups (one line each: name, "
+                         "kind, size/unit, uses, prunable or why not)")
 
     opt = sub.add_parser("optimize", help="run passes over an ONNX model and write ONNX")
     opt.add_argument("model", help="path to an .onnx file (never modified)")
@@ -112,13 +116,29 @@ def _inspect(args: argparse.Namespace) -> int:
 
     model = graph.load(args.model)
     summary = graph.summary(model)
+    groups = graph.channel_groups(model) if args.groups else None
     if args.json:
-        print(json.dumps(summary.to_dict(), indent=2, default=str))
+        data = summary.to_dict()
+        if groups is not None:
+            data["channel_groups"] = [dataclasses.asdict(g) for g in groups]
+        print(json.dumps(data, indent=2, default=str))
     else:
         print(summary)
         if args.graph:
             print(graph.format(model))
+        if groups is not None:
+            print(_group_lines(groups))
     return 0
+
+
+def _group_lines(groups) -> str:
+    lines = [f"channel groups: {len(groups)} ({sum(g.prunable for g in groups)} prunable)"]
+    width = max((len(g.name) for g in groups), default=0)
+    for g in groups:
+        status = "prunable" if g.prunable else f"not prunable: {g.reason}"
+        lines.append(f"  {g.name:<{width}}  {g.kind:<8}  {g.size}/{g.unit}  "
+                     f"{len(g.uses)} uses  {status}")
+    return "\n".join(lines)
 
 
 def _optimize(args: argparse.Namespace) -> int:

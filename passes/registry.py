@@ -46,6 +46,7 @@ def _load_builtin_passes() -> None:
         fold,
         fuse_attention,
         low_rank,
+        prune,
         quantize,
         sparsify,
     )
