@@ -43,6 +43,7 @@ def registered() -> dict[str, type[Pass]]:
 def _load_builtin_passes() -> None:
     from . import (  # noqa: F401 (importing registers the passes)
         cleanup,
+        cpu_layernorm,
         fold,
         fuse_attention,
         low_rank,
