@@ -59,9 +59,9 @@ class FactorLowRank(Pass):
       6. ``sensitivity`` (with ``budget``): each layer's relative error is weighted by its
          measured effect on the graph outputs (``_sensitivity``) before the allocation.
 
-    **Requires** an FX graph in the aten dialect; calibration batches when
-    ``activation_aware`` or ``sensitivity``. **Ensures** every factor pair holds fewer parameters than the weight
-    it replaced; the graph interface is unchanged; no existing tensor is modified.
+    **Requires** FX graphs in the aten dialect; calibration batches when ``activation_aware``
+    or ``sensitivity``. **Ensures** every factor pair holds fewer parameters than the weight it
+    replaced; the graph interface is unchanged; no existing tensor is modified.
     """
 
     name: ClassVar[str] = "factor-low-rank"
