@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 from pathlib import Path
@@ -21,6 +22,15 @@ def machine() -> dict:
         "onnxruntime": onnxruntime.__version__,
         "platform": platform.platform(),
     }
+
+
+def start_run(logger: logging.Logger) -> None:
+    """Print ``logger``'s progress lines to the console; never reach a model hub."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:

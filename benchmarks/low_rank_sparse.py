@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, markdown_table, write  # noqa: E402
+from _common import machine, markdown_table, start_run, write  # noqa: E402
 from _eval import cosine_rows, embed, latencies, model_bytes, session, topk_agreement  # noqa: E402
 from _micro import factored_linear_latency, svd_timing  # noqa: E402
 from _minilm import export, latency_feed, tokenize  # noqa: E402
@@ -100,11 +99,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer variants and sentences")
     parser.add_argument("--only", default="", help="comma-separated substrings of row labels")
     args = parser.parse_args()
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    start_run(logger)
     import graphpress as gp
     from graphpress.data import load_minilm, stdlib_sentences
 

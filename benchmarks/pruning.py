@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, markdown_table, write  # noqa: E402
+from _common import machine, markdown_table, start_run, write  # noqa: E402
 from _eval import cosine_rows, embed, latencies, model_bytes, session  # noqa: E402
 from _minilm import latency_feed, tokenize  # noqa: E402
 
@@ -186,11 +185,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    start_run(logger)
     rows, tokenizer = minilm_rows(args.quick)
     minilm_latency(rows, tokenizer, rounds=3 if args.quick else 12)
     cnn = cnn_rows(args.quick)

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, markdown_table, write  # noqa: E402
+from _common import machine, markdown_table, start_run, write  # noqa: E402
 from _eval import (  # noqa: E402
     cosine_rows,
     embed,
@@ -134,11 +133,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer sentences and runs (~2 min)")
     parser.add_argument("--only", default="", help="comma-separated substrings of row labels")
     args = parser.parse_args()
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    start_run(logger)
     from graphpress.data import load_minilm, stdlib_sentences
     from graphpress.passes.registry import registered
 

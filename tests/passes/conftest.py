@@ -89,6 +89,23 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+def graph_of(model: torch.nn.Module, x: torch.Tensor, ir_kind: str):
+    """``model`` captured to FX (``ir_kind="fx"``) or captured and exported to ONNX."""
+    from graphpress.export import to_onnx
+    from graphpress.graph import capture
+
+    gm = capture(model, (x,))
+    return gm if ir_kind == "fx" else to_onnx(gm, (x,))
+
+
+def run_graph(graph, x: torch.Tensor) -> np.ndarray:
+    """The first output of an FX graph (eager) or an ONNX model (ORT) on one input."""
+    if isinstance(graph, torch.fx.GraphModule):
+        with torch.no_grad():
+            return graph(x).numpy()
+    return ort_outputs(graph, {graph.graph.inputs[0].name: x.numpy()})[0]
+
+
 @pytest.fixture(scope="session")
 def h() -> SimpleNamespace:
     return SimpleNamespace(
@@ -100,4 +117,6 @@ def h() -> SimpleNamespace:
         assert_fx_unchanged=assert_fx_unchanged,
         onnx_snapshot=onnx_snapshot,
         randomize_bn=randomize_bn,
+        graph_of=graph_of,
+        run_graph=run_graph,
     )

@@ -77,18 +77,6 @@ class CatSplit(nn.Module):
         return self.d(u) + self.e(v)
 
 
-def _graph(model, x, ir_kind: str):
-    gm = gp.capture(model, (x,))
-    return gm if ir_kind == "fx" else to_onnx(gm, (x,))
-
-
-def _run(graph, x, h) -> np.ndarray:
-    if isinstance(graph, torch.fx.GraphModule):
-        with torch.no_grad():
-            return graph(x).numpy()
-    return h.ort_outputs(graph, {graph.graph.inputs[0].name: x.numpy()})[0]
-
-
 def _zero_units_left(graph) -> int:
     """Units of prunable, channel-local groups whose consumer (or, outside heads, producer)
     weight slices are all zero: what fold-pruned must leave none of."""
@@ -128,12 +116,12 @@ def test_mlp_zero_rows_and_columns_fold_exactly(h, ir_kind):
         model.fc2.bias[3:5] = -1.0  # relu(-1) = 0: removed without folding
         model.fc3.weight[:, 10] = 0
     x = torch.randn(7, 10)
-    graph = _graph(model, x, ir_kind)
+    graph = h.graph_of(model, x, ir_kind)
     expected = model(x).detach().numpy()
     before = measure(graph).params
     result = FoldPruned()(graph)
     verify(graph)
-    np.testing.assert_allclose(_run(graph, x, h), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(h.run_graph(graph, x), expected, rtol=1e-5, atol=1e-6)
     rows = {r["layer"]: r for r in result.layers}
     assert sorted(r["size"] - r["kept"] for r in rows.values()) == [5, 9]
     assert result.stats["units_removed"] == 14 and result.stats["biases_folded"] == 2
@@ -166,11 +154,11 @@ def test_torch_prune_masks_are_removed_exactly(h, ir_kind, which):
     model, x = _ln_pruned_mlp() if which == "mlp" else _ln_pruned_cnn(h)
     with torch.no_grad():
         expected = model(x).numpy()
-    graph = _graph(model, x, ir_kind)
+    graph = h.graph_of(model, x, ir_kind)
     before = measure(graph).params
     result = FoldPruned()(graph)
     verify(graph)
-    np.testing.assert_allclose(_run(graph, x, h), expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(h.run_graph(graph, x), expected, rtol=1e-4, atol=1e-5)
     assert result.modified and measure(graph).params < before
     assert _zero_units_left(graph) == 0
     if ir_kind == "fx":
@@ -190,7 +178,7 @@ def test_padded_convolution_map_is_exact_at_any_size(h):
     for shape in ((2, 3, 5, 5), (2, 3, 12, 12)):
         other = torch.randn(*shape)
         with torch.no_grad():
-            np.testing.assert_allclose(_run(graph, other, h), model(other).numpy(), rtol=1e-4,
+            np.testing.assert_allclose(h.run_graph(graph, other), model(other).numpy(), rtol=1e-4,
                                        atol=1e-5)
 
 
@@ -207,10 +195,10 @@ def test_heads_with_zero_value_or_output_projection(h, ir_kind):
         model.f2.weight[:, 90:] = 0
     x = torch.randn(2, 6, 64)
     expected = model(x).detach().numpy()
-    graph = _graph(model, x, ir_kind)
+    graph = h.graph_of(model, x, ir_kind)
     result = FoldPruned()(graph)
     verify(graph)
-    np.testing.assert_allclose(_run(graph, x, h), expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(h.run_graph(graph, x), expected, rtol=1e-4, atol=1e-5)
     rows = {r["kind"]: r for r in result.layers}
     assert (rows["heads"]["kept"], rows["heads"]["dead"], rows["heads"]["folded"]) == (32, 1, 1)
     assert (rows["ffn"]["kept"], rows["ffn"]["dead"], rows["ffn"]["folded"]) == (80, 6, 10)
@@ -229,10 +217,10 @@ def test_concat_and_split(h, ir_kind):
         model.e.weight[:, 10] = 0
     x = torch.randn(6, 8)
     expected = model(x).detach().numpy()
-    graph = _graph(model, x, ir_kind)
+    graph = h.graph_of(model, x, ir_kind)
     result = FoldPruned()(graph)
     verify(graph)
-    np.testing.assert_allclose(_run(graph, x, h), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(h.run_graph(graph, x), expected, rtol=1e-5, atol=1e-6)
     assert result.stats["units_removed"] == 3 + 4 + 3 + 2 + 3
     assert _zero_units_left(graph) == 0
 
@@ -241,7 +229,7 @@ def test_concat_and_split(h, ir_kind):
 def test_dense_model_is_a_no_op(h, ir_kind):
     torch.manual_seed(5)
     model, x = MLP().eval(), torch.randn(3, 10)
-    graph = _graph(model, x, ir_kind)
+    graph = h.graph_of(model, x, ir_kind)
     before = h.fx_snapshot(graph) if ir_kind == "fx" else h.onnx_snapshot(graph)
     result = FoldPruned()(graph)
     assert not result.modified and result.stats["units_removed"] == 0
@@ -258,5 +246,5 @@ def test_fold_pruned_then_fold_batchnorm_runs_in_ort(h):
     result = gp.optimize(gp.capture(model, (x,)), ["fold-pruned", "fold-batchnorm"])
     onnx_model = to_onnx(result.graph, (x,))
     assert "BatchNormalization" not in h.onnx_ops(onnx_model)
-    np.testing.assert_allclose(_run(onnx_model, x, h), expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(h.run_graph(onnx_model, x), expected, rtol=1e-4, atol=1e-5)
     assert result.report.records[0].stats["units_removed"] > 0

@@ -107,18 +107,6 @@ def models(h):
     return _models(h)
 
 
-def _graph(model, x, ir_kind: str):
-    gm = gp.capture(model, (x,))
-    return gm if ir_kind == "fx" else to_onnx(gm, (x,))
-
-
-def _run(graph, x, h) -> np.ndarray:
-    if isinstance(graph, torch.fx.GraphModule):
-        with torch.no_grad():
-            return graph(x).numpy()
-    return h.ort_outputs(graph, {graph.graph.inputs[0].name: x.numpy()})[0]
-
-
 def _record(monkeypatch) -> list:
     """Spy on both shrinkers: every (group, kept units) the pass applies."""
     records = []
@@ -164,7 +152,7 @@ def _masked(graph, records, model):
 ])
 def test_pruning_equals_masking(h, models, monkeypatch, ir_kind, name, options):
     model, x = models[name]
-    pruned = _graph(model, x, ir_kind)
+    pruned = h.graph_of(model, x, ir_kind)
     unpruned = pruned.clone() if ir_kind == "onnx" else pruned
     records = _record(monkeypatch)
     calibration = [(x,)] if ir_kind == "fx" else [(x.numpy(),)]
@@ -173,8 +161,8 @@ def test_pruning_equals_masking(h, models, monkeypatch, ir_kind, name, options):
     assert result.modified and records and result.stats["units_removed"] > 0
     assert result.stats["params_after"] < result.stats["params_before"]
     masked = _masked(unpruned, records, model)
-    expected = masked(x).detach().numpy() if isinstance(masked, nn.Module) else _run(masked, x, h)
-    got = _run(pruned, x, h)
+    expected = masked(x).detach().numpy() if isinstance(masked, nn.Module) else h.run_graph(masked, x)
+    got = h.run_graph(pruned, x)
     assert got.shape == expected.shape
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
     assert {row["layer"] for row in result.layers} == {g.name for g, _ in records}
@@ -190,7 +178,7 @@ def _interface(graph):
 @pytest.mark.parametrize("ir_kind", ["fx", "onnx"])
 def test_parameters_drop_by_the_expected_amount_and_interface_stays(h, models, ir_kind):
     model, x = models["attention"]
-    graph = _graph(model, x, ir_kind)
+    graph = h.graph_of(model, x, ir_kind)
     interface, before = _interface(graph), measure(graph).params
     result = PruneChannels(ratio=0.5, round_to=8)(graph)
     # 2 of 4 heads (16 channels each: q, k, v rows + biases, o columns) and 48 of 96 neurons
@@ -198,7 +186,7 @@ def test_parameters_drop_by_the_expected_amount_and_interface_stays(h, models, i
     assert before - measure(graph).params == expected
     assert result.stats["params_before"] - result.stats["params_after"] == expected
     assert _interface(graph) == interface
-    assert _run(graph, x, h).shape == (2, 5, 64)
+    assert h.run_graph(graph, x).shape == (2, 5, 64)
     kinds = {row["kind"]: row for row in result.layers}
     assert kinds["heads"]["units_kept"] == 2 and kinds["ffn"]["kept"] == 48
     assert 0 < kinds["ffn"]["importance"] <= 1
@@ -277,7 +265,7 @@ def test_importance_math():
 def test_hand_built_group_contract(h, models, ir_kind):
     """The shrinkers on a group built by hand: unit = 2 channels, offset 0, in/out/act uses."""
     model, x = models["mlp"]
-    graph = _graph(model, x, ir_kind)
+    graph = h.graph_of(model, x, ir_kind)
     if ir_kind == "fx":
         uses = (ChannelUse("linear", "fc1.weight", 0, "out"), ChannelUse("linear", "fc1.bias", 0, "out"),
                 ChannelUse("relu", "", -1, "act"), ChannelUse("linear_1", "fc2.weight", 1, "in"))
@@ -299,8 +287,8 @@ def test_hand_built_group_contract(h, models, ir_kind):
         mask[[c for u in range(20) if u not in keep for c in (2 * u, 2 * u + 1)]] = 0
         ref.fc2.weight.mul_(mask)
         expected = ref(x).numpy()
-    np.testing.assert_allclose(_run(graph, x, h), expected, rtol=1e-5, atol=1e-5)
-    assert measure(graph).params < measure(_graph(model, x, ir_kind)).params
+    np.testing.assert_allclose(h.run_graph(graph, x), expected, rtol=1e-5, atol=1e-5)
+    assert measure(graph).params < measure(h.graph_of(model, x, ir_kind)).params
 
 
 def test_prune_then_fold_batchnorm_exports_smaller_onnx(h, models, tmp_path):
@@ -315,7 +303,7 @@ def test_prune_then_fold_batchnorm_exports_smaller_onnx(h, models, tmp_path):
     gp.export.save(full, tmp_path / "full.onnx")
     assert (tmp_path / "small.onnx").stat().st_size < 0.5 * (tmp_path / "full.onnx").stat().st_size
     with torch.no_grad():
-        np.testing.assert_allclose(_run(small, x, h), result.graph(x).numpy(), rtol=1e-4,
+        np.testing.assert_allclose(h.run_graph(small, x), result.graph(x).numpy(), rtol=1e-4,
                                    atol=1e-4)
 
 
