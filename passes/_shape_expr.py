@@ -79,7 +79,10 @@ def shape_items(value: ir.Value | None, depth: int = 0) -> list | None:
 
 def _slice(node: ir.Node, depth: int) -> list | None:
     items = shape_items(node.inputs[0], depth + 1)
-    bounds = [onnx_const(v) if v is not None else None for v in node.inputs[1:5]]
+    inputs = list(node.inputs[1:5])
+    bounds = [onnx_const(v) if v is not None else None for v in inputs]
+    if any(v is not None and b is None for v, b in zip(inputs, bounds)):
+        return None  # a bound read at run time
     if items is None or bounds[0] is None or bounds[1] is None:
         return None
     if len(bounds) > 2 and bounds[2] is not None and [int(a) for a in bounds[2]] not in ([0], [-1]):

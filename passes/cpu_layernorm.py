@@ -56,7 +56,7 @@ class AvoidSkipLayerNorm(Pass):
             if not _residual_add_before_layernorm(node):
                 continue
             out = node.outputs[0]
-            name = out.name
+            name = out.name or unique_name(graph, "residual_sum", taken)
             out.name = None  # the Sum's output takes over the name
             result = ir.Value(name=name, type=out.type, shape=out.shape)
             new = ir.node("Sum", list(node.inputs), outputs=[result],

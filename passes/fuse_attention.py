@@ -67,7 +67,7 @@ class FuseAttention(Pass):
          reshape is proven from static shapes or from the ``Shape``/``Slice``/``Concat``
          arithmetic that builds its target (``_shape_expr``); anything unproven is left alone.
       3. The bias goes to ``attention_bias`` ``[B|1, H|1, S, T]``: lower ranks are unsqueezed,
-         a query axis not provably ``S`` is expanded to it.
+         query and key axes not provably ``S`` and ``T`` are expanded to them.
       4. When the export guarded the probabilities and the bias may hold ``-inf`` (a fully
          masked row: softmax NaN → guard → 0), the output gets ``Where(IsNaN(o), 0, o)``, which
          gives the same zeros. Finite biases (``Where(mask, 0, float_min)``) need no guard.
@@ -82,7 +82,8 @@ class FuseAttention(Pass):
 
     def run_onnx(self, model: ir.Model) -> PassResult:
         graph, taken = model.graph, value_names(model)
-        matches = [m for node in list(graph) if (m := _match(node)) is not None]
+        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+        matches = [m for node in list(graph) if (m := _match(node, opset)) is not None]
         guards = sum(_rewrite(graph, match, self.name, taken) for match in matches)
         if matches:
             model.opset_imports.setdefault(MS, 1)
@@ -121,7 +122,7 @@ def _strip_scale(value: ir.Value) -> tuple[ir.Value, float]:
         if c is not None and c != 0:
             return a, (c if op == "Mul" else 1.0 / c)
         c = _scalar(a)
-        if op == "Mul" and c is not None:
+        if op == "Mul" and c is not None and c != 0:
             return b, c
     return value, 1.0
 
@@ -197,10 +198,12 @@ def _merged_output(context: ir.Value) -> ir.Node | None:
     return reshape
 
 
-def _match(softmax: ir.Node) -> _Match | None:  # Rule 1
+def _match(softmax: ir.Node, opset: int) -> _Match | None:  # Rule 1
     if softmax.op_type != "Softmax" or softmax.domain not in ("", "ai.onnx"):
         return None
     axis = softmax.attributes.get("axis")
+    if axis is None and opset < 13:  # before opset 13: axis 1 of a flattened 2-D view
+        return None
     if axis is not None and axis.as_int() not in (-1, 3):
         return None
     probs, guard = softmax.outputs[0], False
@@ -275,7 +278,9 @@ def _rewrite(graph: ir.Graph, match: _Match, pass_name: str, taken: set[str]) ->
         rank = len(bias.shape)
         if rank < 4:
             bias = node("Unsqueeze", [bias, const("axes", list(range(4 - rank)))], "bias4")
-        if dim_token(match.bias, rank - 2) != dim_token(match.q, 1) or rank < 2:
+        proven = rank >= 2 and dim_token(match.bias, rank - 2) == dim_token(match.q, 1) and \
+            dim_token(match.bias, rank - 1) == dim_token(match.k, 1)
+        if not proven:
             seq_q = node("Shape", [match.q], "seq_q", start=1, end=2)
             seq_k = node("Shape", [match.k], "seq_k", start=1, end=2)
             shape = node("Concat", [const("ones", [1, 1]), seq_q, seq_k], "bias_shape", axis=0)

@@ -44,20 +44,23 @@ def output_names(graph) -> list[str]:
                               if isinstance(n, fx.Node)))
 
 
-def run_outputs(graph, batches: Any) -> dict[str, list[np.ndarray]]:
-    """Every float output of ``graph`` on every batch (in batch order)."""
-    found: dict[str, list[np.ndarray]] = {}
+def run_outputs(graph, batches: Any) -> dict[int, list[np.ndarray]]:
+    """Every float output of ``graph`` on every batch (in batch order), keyed by the output's
+    position: a factored FX output node gets a new name, its position stays."""
+    names = output_names(graph)
+    position = {name: index for index, name in enumerate(names)}
+    found: dict[int, list[np.ndarray]] = {}
 
     def consume(name: str, array: np.ndarray) -> None:
         if np.issubdtype(array.dtype, np.floating):
-            found.setdefault(name, []).append(np.asarray(array, np.float64))
+            found.setdefault(position[name], []).append(np.asarray(array, np.float64))
 
     with torch.inference_mode():
-        collect(graph, batches, output_names(graph), consume)
+        collect(graph, batches, names, consume)
     return found
 
 
-def _relative(ref: dict[str, list[np.ndarray]], got: dict[str, list[np.ndarray]]) -> float:
+def _relative(ref: dict[int, list[np.ndarray]], got: dict[int, list[np.ndarray]]) -> float:
     num = den = 0.0
     for name, arrays in ref.items():
         for r, g in zip(arrays, got.get(name, [])):

@@ -25,6 +25,7 @@ from .._collect import collect
 from .._linears import LinearSite, find_linears
 from .._rewrite import require_canonical, value_names
 from ..base import Pass, PassResult
+from ..calibrate import CalibrationTable
 from ..quantize._gptq import InputStats
 from ..registry import register
 from ._plan import Target, plan
@@ -131,10 +132,12 @@ class FactorLowRank(Pass):
             factor_fx(graph, site, a, b, self.name)
 
     def _run(self, graph, calibration: Any) -> PassResult:
-        if (self.activation_aware or self.sensitivity) and calibration is None:
+        needs_inputs = self.activation_aware or self.sensitivity
+        if needs_inputs and (calibration is None or isinstance(calibration, CalibrationTable)):
             raise PreconditionError(
                 "factor-low-rank: activation_aware=true and sensitivity=true need calibration "
-                "batches: call optimize(graph, passes, calibration=batches)")
+                "batches (raw inputs, not a CalibrationTable): call optimize(graph, passes, "
+                "calibration=batches)")
         start = time.perf_counter()
         sites = find_linears(graph, exclude=self.exclude)
         shared = sum(s.shared for s in sites)
@@ -203,8 +206,8 @@ class FactorLowRank(Pass):
     def _input_stats(self, graph, calibration: Any, sites: list[LinearSite]
                      ) -> dict[str, InputStats]:
         """Streamed second moments and row samples of the sites' inputs (one per input)."""
-        if calibration is None or not sites:
-            return {}
+        if calibration is None or isinstance(calibration, CalibrationTable) or not sites:
+            return {}  # a table (meant for insert-qdq) holds ranges, not inputs
         found: dict[str, InputStats] = {}
 
         def consume(name: str, array: np.ndarray) -> None:

@@ -15,7 +15,7 @@ __all__ = ["pack", "unpack", "pack_zero_points", "unpack_zero_points", "packed_b
 def pack(q: np.ndarray, bits: int, block_size: int) -> np.ndarray:
     """Pack codes ``[N, n_blocks·B]`` into ``uint8 [N, n_blocks, B·bits/8]`` (low bits first)."""
     per, n = 8 // bits, q.shape[0]
-    codes = np.asarray(q).reshape(n, -1)
+    codes = np.asarray(q, np.uint8).reshape(n, -1)
     out = codes[:, per - 1::per].astype(np.uint8)
     for i in range(per - 2, -1, -1):  # Horner, in place
         np.left_shift(out, bits, out=out)

@@ -3,7 +3,7 @@
 Every constant weight ``W_nk`` ``[N, K]`` of a linear layer (and of an embedding table) is cut
 into blocks of ``block_size`` along ``K`` (the last block zero-padded, so any ``K`` works) with a
 scale and, if asymmetric, a zero point per block; ``Ŵ = (q − z)·s``
-(math and packing: ``_blockwise``). The codes come from round-to-nearest with an MSE-optimal
+(math: ``_blockwise``; packing: ``_packing``). The codes come from round-to-nearest with an MSE-optimal
 clip (``rtn``), from GPTQ with act-order on the Hessian ``H = 2XᵀX/n`` of the layer's
 calibration inputs (``gptq``), or from an AWQ-style activation-aware scaling ``x/s``,
 ``W·diag(s)`` (``awq``; math: ``_gptq``). ``clip_search=false`` gives plain round-to-nearest

@@ -181,7 +181,7 @@ class Sparsify(Pass):
 
     def _activations(self, graph, chosen, calibration) -> dict[str, ActivationStats]:
         """Rule 4: ``Σx²`` and sample rows at every targeted layer's input."""
-        if calibration is None or _is_table(calibration) or not chosen or self.target == 0:
+        if calibration is None or _is_table(calibration) or not chosen:
             return {}
         found = {site.x: ActivationStats(w.shape[1]) for site, w in chosen}
 

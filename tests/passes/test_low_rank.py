@@ -370,3 +370,28 @@ def test_minilm_budget_activation_aware(minilm_tokenizer):
         got = mean_pool(result.graph(**evaluation)[0].numpy(), mask)
     cosine = np.sum(ref * got, 1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(got, axis=1)
     assert cosine.min() > 0.75 and cosine.mean() > 0.85, (cosine, seconds)
+
+
+def test_sensitivity_sees_a_factored_fx_output_layer():
+    """The last layer's output is the graph output: factoring it renames the FX node, and its
+    measured sensitivity must still be its real effect (not 0, which would crush its rank)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32)).eval()
+    x = torch.randn(64, 32)
+    result = optimize(capture(model, (x,)), ["factor-low-rank:budget=0.5,sensitivity=true"],
+                      calibration=[(x,)])
+    rows = result.report.records[0].layers
+    assert len(rows) == 2 and all(row["sensitivity"] > 0.1 for row in rows)
+
+
+def test_a_calibration_table_is_not_inputs():
+    from graphpress.passes import calibrate
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32)).eval()
+    x = torch.randn(16, 32)
+    gm = capture(model, (x,))
+    table = calibrate(gm, [(x,)])
+    assert optimize(gm, ["factor-low-rank:rank=4"], calibration=table).modified
+    with pytest.raises(PreconditionError, match="CalibrationTable"):
+        optimize(gm, ["factor-low-rank:rank=4,activation_aware=true"], calibration=table)

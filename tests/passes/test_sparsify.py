@@ -229,3 +229,12 @@ def test_sparsify_then_quantize_dynamic_keeps_zeros(h, mlp):
             q = node.inputs[1].const_value.numpy().astype(np.int32)  # [K, N]
             zp = node.inputs[3].const_value.numpy().astype(np.int32)
             assert ((q == zp[None, :]).mean(axis=0) >= 0.5).all()
+
+
+def test_zero_sparsity_with_activation_awareness_is_a_no_op():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32)).eval()
+    x = torch.randn(8, 32)
+    result = gp.optimize(gp.capture(model, (x,)), ["sparsify:sparsity=0,activation_aware=true"],
+                      calibration=[(x,)])
+    assert not result.modified
