@@ -19,8 +19,10 @@ activation-aware, so ``e`` is the relative output error²).
   with smaller ones, so the result never exceeds the target and undershoots it by less than
   one item, at most ``u·max(N + K)`` parameters (0.3 % of MiniLM's encoder linears for
   ``u = 16``): ``round_to`` changes the granularity of the items, not the precision bound.
-  With spectra decreasing, the block gains per layer are non-increasing, so the greedy is the
-  exact optimum of this separable allocation up to that last partial item.
+  It is a greedy heuristic: with decreasing spectra the block gains per layer are
+  non-increasing, which makes it optimal for the fractional relaxation; item costs differ
+  between layers and the final "keep dense" item can be worth more per parameter than the
+  block before it, so the integer allocation may be slightly off the true optimum.
 
 Partial spectra (randomized SVD) are fine: ``total`` is exact, so ``e(r)`` is exact for every
 computed ``r``; a layer whose selection needs more values than computed is reported *starved*
