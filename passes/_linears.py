@@ -150,7 +150,11 @@ def _find_fx(gm: fx.GraphModule) -> list[LinearSite]:
 def _onnx_weight(value: ir.Value | None) -> tuple[ir.Value, bool, ir.Value | None] | None:
     if value is None:
         return None
-    array = onnx_const(value)
+    tensor = None if value.is_graph_input() else value.const_value
+    if tensor is not None:  # dtype and shape only: reading the data would load it
+        ok = len(tensor.shape) == 2 and tensor.dtype.is_floating_point()
+        return (value, False, None) if ok else None
+    array = onnx_const(value)  # a Constant node
     if array is not None:
         ok = array.ndim == 2 and np.issubdtype(array.dtype, np.floating)
         return (value, False, None) if ok else None
