@@ -151,7 +151,8 @@ def _convert(b: _Builder, node: fx.Node, name: str) -> tuple[str, list, dict]:  
     if name in ("aten.layer_norm", "aten.native_layer_norm"):
         axes = list(range(-len(node.args[1]), 0))
         return "layernorm", [i(node.args[0], n)] + [i(_arg(node, k, key), n) for k, key in
-                                                   ((2, "weight"), (3, "bias"))], {"axes": axes}
+                                                   ((2, "weight"), (3, "bias"))], {
+            "axes": axes, "shape": b.entries(node, node.args[1])}  # normalized_shape scales
     if name in ("aten._native_batch_norm_legit_no_training", "aten.batch_norm",
                 "aten._native_batch_norm_legit", "aten.instance_norm"):
         return "batchnorm", [i(a, n) for a in node.args[:5]], {}

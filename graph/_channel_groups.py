@@ -175,10 +175,11 @@ def _groups(r, uf, parts, facs, wholes, own_uses, own_blocks, residual) -> list[
             eu, eb = effective(s)
             reasons += eb
             for node, tensor, axis, role, offset, typ in eu:
-                if role != "shape" and (pos > 0 or not unit):
+                counted = role in ("shape", "stat")  # not a slice: no unit, no stride
+                if not counted and (pos > 0 or not unit):
                     reasons.append(f"{node} reads these channels strided inside a larger axis")
                     continue
-                if role != "shape":
+                if not counted:
                     units.setdefault(unit, node)
                 uses.append((order.get(node, len(order)), node, tensor, axis, role, offset, typ,
                              unit))

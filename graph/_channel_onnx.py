@@ -61,7 +61,8 @@ def _convert(node: ir.Node, names: dict[int, str]) -> tuple[str, list, dict]:  #
             return "matmul", ins, {}
         return "other", ins, {}
     if t == "Reshape":
-        return "reshape", ins[:1], {"target": entries_of(node.inputs[1], me, names)}
+        return "reshape", ins[:1], {"target": entries_of(node.inputs[1], me, names),
+                                    "aux": ins[1:2]}
     if t in ("Flatten", "Squeeze", "Unsqueeze"):
         return "reshape", ins[:1], {"target": None}
     if t == "Transpose":
@@ -70,23 +71,27 @@ def _convert(node: ir.Node, names: dict[int, str]) -> tuple[str, list, dict]:  #
         return "transpose", ins, {"perm": tuple(perm) if perm is not None
                                   else tuple(range(rank))[::-1]}
     if t == "Expand":
-        return "expand", ins[:1], {"target": entries_of(node.inputs[1], me, names)}
+        return "expand", ins[:1], {"target": entries_of(node.inputs[1], me, names),
+                                   "aux": ins[1:2]}
     if t == "Concat":
         return "concat", ins, {"axis": a.get_int("axis", 0)}
     if t == "Split":
+        # sizes in the old ``split`` attribute (opset < 13) cannot be rewritten: blocked
         sizes = ints_of(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None \
-            else (list(a.get_ints("split")) if a.get_ints("split", None) is not None else None)
+            else None
         name = node.inputs[1].name if len(node.inputs) > 1 and node.inputs[1] is not None else ""
         entries = None if sizes is None else [Entry(v, me, name, k)
                                               for k, v in enumerate(sizes)]
-        return "split", ins[:1], {"axis": a.get_int("axis", 0), "sizes": entries}
+        return "split", ins[:1], {"axis": a.get_int("axis", 0), "sizes": entries,
+                                  "aux": ins[1:2]}
     if t == "Slice":
         bounds = [ints_of(v) if v is not None else None for v in node.inputs[1:5]]
         starts, ends, axes, steps = bounds + [None] * (4 - len(bounds))
         if starts is None or ends is None or len(starts) != 1 or (axes is not None and len(axes) != 1):
-            return "other", ins[:1], {}
+            return "other", ins[:1], {"aux": ins[1:5]}
         return "slice", ins[:1], {"axis": axes[0] if axes else 0, "start": starts[0],
-                                  "end": ends[0], "step": steps[0] if steps else 1}
+                                  "end": ends[0], "step": steps[0] if steps else 1,
+                                  "aux": ins[1:5]}
     if t == "Gather":
         axis = a.get_int("axis", 0)
         if isinstance(ins[0], Const) and axis == 0 and len(ins[0].shape) == 2:

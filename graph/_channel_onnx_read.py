@@ -109,9 +109,12 @@ def entries_of(value: ir.Value | None, reader: str, names: dict[int, str],
         if is_const(node.inputs[0]) or not rank:
             return [Entry(None) for _ in axes] if rank else None
         return [Entry(None, follow=(node.inputs[0].name, a)) for a in axes]
-    if t == "Concat":
+    if t == "Concat":  # an entry stored in a piece is rewritten at the caller's position
         pieces = [entries_of(v, me, names, depth + 1) for v in node.inputs]
-        return None if any(p is None for p in pieces) else [e for p in pieces for e in p]
+        if any(p is None for p in pieces):
+            return None
+        return [Entry(e.value, reader, value.name, k, e.follow) if e.reader == me and e.tensor
+                else e for k, e in enumerate(e for p in pieces for e in p)]
     if t in ("Squeeze", "Unsqueeze", "Cast", "Identity", "Reshape"):
         return entries_of(node.inputs[0], me, names, depth + 1)
     if t == "Expand" and ints_of(node.inputs[1]) == [1]:

@@ -37,10 +37,8 @@ def _concat(r: Relations, op: Op) -> None:
             for i in range(len(x.shape)):
                 if i != axis:
                     r.use(dst[i], x, i, "act", op)
-            if size > 0:
-                part = r.pseudo("concat", op.name, k, size=size)
-                r.use(part, x, axis, "out", op)
-                r.segs.append((dst[axis], part, offset))
+            if size > 0:  # a constant part is no producer (ONNX shape vectors are concats)
+                r.segs.append((dst[axis], r.pseudo("concat", op.name, k, size=size), offset))
         else:
             src = r.spaces(x)
             size = r.size(src[axis]) if src is not None and len(src) == len(dst) else None
@@ -63,8 +61,8 @@ def _split(r: Relations, op: Op) -> None:
     axis, offset = op.attrs["axis"] % len(src), 0
     sizes = op.attrs.get("sizes")
     if sizes is None and len(op.outs) > 1:
-        r.block(src[axis], f"{op.source} {op.name} splits into equal parts: the sizes cannot "
-                "follow a pruned part")
+        r.block(src[axis], f"{op.source} {op.name} splits into equal parts (or by sizes in an "
+                "attribute): the sizes cannot follow a pruned part")
     for k, out in enumerate(op.outs):
         dst = r.spaces(out)
         if dst is None or len(dst) != len(src):
@@ -149,7 +147,14 @@ def _embedding(r: Relations, op: Op) -> None:
     _gather(r, op)
 
 
-def _norm(r: Relations, op: Op, axes: list[int]) -> None:
+def _stat(r: Relations, s, op: Op, axis: int) -> None:
+    """Mark ``s`` as counted by a statistic (a keep-dim mean/var, a weightless norm): removing
+    a channel, even a zero one, changes the divisor (role ``"stat"``, no tensor)."""
+    if (r.size(s) or 0) > 1:
+        r.uses.append((s, op.name, "", axis, "stat", 0, op.type))
+
+
+def _norm(r: Relations, op: Op, axes: list[int], stat: bool = False) -> None:
     x, params = op.ins[0], op.ins[1:]
     src, dst = r.spaces(x), r.spaces(op.outs[0]) if op.outs else None
     if src is None or dst is None or len(src) != len(dst):
@@ -157,6 +162,9 @@ def _norm(r: Relations, op: Op, axes: list[int]) -> None:
         return
     for a, b in zip(src, dst):
         r.union(a, b)
+    if stat and not any(isinstance(p, Const) for p in params):
+        for axis in axes:
+            _stat(r, dst[axis], op, axis % len(dst))
     for p in params:
         if isinstance(p, Const) and len(p.shape) == len(axes):
             for k, axis in enumerate(axes):
@@ -168,7 +176,11 @@ def _norm(r: Relations, op: Op, axes: list[int]) -> None:
 
 
 def _layernorm(r: Relations, op: Op) -> None:
-    _norm(r, op, op.attrs["axes"])
+    _norm(r, op, op.attrs["axes"], stat=True)
+    dst = r.spaces(op.outs[0]) if op.outs else None
+    for axis, entry in zip(op.attrs["axes"], op.attrs.get("shape") or ()):
+        if dst is not None and -len(dst) <= axis < len(dst):
+            r.shape_use(dst[axis], entry, op)
 
 
 def _batchnorm(r: Relations, op: Op) -> None:
@@ -233,6 +245,8 @@ def _reduce(r: Relations, op: Op) -> None:
         if i in reduced:
             if not (keep and mean):
                 r.block(s, f"reduced by {op.source} {op.name}")
+            else:
+                _stat(r, s, op, i)
             j += 1 if keep else 0
             continue
         if j < len(dst):

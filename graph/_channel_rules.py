@@ -160,6 +160,10 @@ def _binary(r: Relations, op: Op) -> None:
 def _linear(r: Relations, op: Op) -> None:
     x, w, b = op.ins
     src, dst = r.spaces(x), r.spaces(op.outs[0])
+    if not isinstance(w, Const):  # a computed weight (weight norm): nothing to slice
+        r.block_all([k for k in (x, w, b, op.outs[0]) if isinstance(k, str)],
+                    f"{op.source} {op.name}: the weight is not a constant")
+        return
     if src is None or dst is None or len(src) != len(dst) or w.shape[1] != r.size(src[-1]):
         r.block_all([x, op.outs[0]], f"{op.source} {op.name}: shapes not understood")
         return
@@ -227,6 +231,8 @@ def apply_rules(view: View) -> Relations:
         complete_shape(r, op)
         before = len(r.uses)
         rules.get(op.type, _other)(r, op)
+        aux = [k for k in op.attrs.get("aux", ()) if isinstance(k, str)]
+        r.block_all(aux, f"a shape/bounds vector read by {op.source} {op.name}")  # not channels
         tensors = [x for x in op.ins if x is not None]
         if tensors and all(isinstance(x, Const) or x in derived for x in tensors):
             derived.update(op.outs)  # computed from constants only: block what is not read

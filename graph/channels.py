@@ -52,8 +52,10 @@ class ChannelUse:
     ``tensor``: the constant (FX ``get_attr`` target / ONNX initializer or ``Constant`` output
     name), ``""`` when the use is not a constant (an FX ``view`` size list: ``axis`` is then
     the position in ``node``'s size argument); ``axis``: the axis of ``tensor`` as stored;
-    ``role``: ``"out"``, ``"in"``, ``"norm"``, ``"shape"`` or ``"act"``; ``offset``: the first
-    channel of the group inside ``tensor``'s axis.
+    ``role``: ``"out"``, ``"in"``, ``"norm"``, ``"shape"``, ``"act"`` or ``"stat"`` (a marker,
+    ``tensor=""``: a keep-dim mean/var or a weightless norm counts the channels, so removing
+    even a zero channel changes its divisor); ``offset``: the first channel of the group inside
+    ``tensor``'s axis.
     """
 
     node: str

@@ -179,20 +179,31 @@ def select_units(
 
 
 class IndexLedger:
-    """Which original indices of each ``(tensor, axis)`` were removed so far, so that a second
-    group slicing the same axis (a concatenated consumer) finds its channels where they are now.
+    """Which original indices of each axis of a constant were removed so far, keyed by the
+    constant actually sliced: a new (pruned) constant inherits the record of the one it
+    replaces, an original constant starts empty. A second group slicing the same constant at
+    the same reader (a concatenated consumer) thus finds its channels where they are now, while
+    a group slicing the original through another reader (tied weights) is not shifted by the
+    first group's removals.
     """
 
     def __init__(self) -> None:
-        self._removed: dict[tuple[str, int], np.ndarray] = {}
+        self._removed: dict[str, dict[int, np.ndarray]] = {}
 
-    def keep(self, key: tuple[str, int], dim: int, removed: np.ndarray) -> np.ndarray:
-        """Current indices (of ``dim``) to keep when the original indices ``removed`` go."""
-        prev = self._removed.get(key, np.zeros(0, np.int64))
+    def keep(self, source: str, axis: int, dim: int,
+             removed: np.ndarray) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+        """Current indices (of ``dim``) of ``source`` to keep when the original indices
+        ``removed`` go along ``axis``, and the record the sliced copy carries (:meth:`adopt`)."""
+        record = self._removed.get(source, {})
+        prev = record.get(axis, np.zeros(0, np.int64))
         removed = np.asarray(removed, np.int64)
         current = removed - np.searchsorted(prev, removed)
         if current.size and (current.max() >= dim or np.isin(removed, prev).any()):
-            raise ValueError(f"channels {removed.tolist()[:8]}... of {key} are out of range or "
-                             "were removed already")
-        self._removed[key] = np.sort(np.concatenate([prev, removed]))
-        return np.setdiff1d(np.arange(dim), current).astype(np.int64)
+            raise ValueError(f"channels {removed.tolist()[:8]}... of {source!r} axis {axis} "
+                             "are out of range or were removed already")
+        history = {**record, axis: np.sort(np.concatenate([prev, removed]))}
+        return np.setdiff1d(np.arange(dim), current).astype(np.int64), history
+
+    def adopt(self, new: str, history: dict[int, np.ndarray]) -> None:
+        """``new`` (the sliced copy of a constant) carries ``history`` from :meth:`keep`."""
+        self._removed[new] = history

@@ -33,7 +33,8 @@ _aten = torch.ops.aten
 _VIEWS = {_aten.t.default, _aten.permute.default, _aten.transpose.int, _aten.clone.default,
           _aten.contiguous.default, _aten.to.dtype, _aten._to_copy.default}
 _SHAPE_OPS = {_aten.view.default, _aten.reshape.default, _aten._unsafe_view.default,
-              _aten.expand.default, _aten.split_with_sizes.default, _aten.split.sizes}
+              _aten.expand.default, _aten.split_with_sizes.default, _aten.split.sizes,
+              _aten.layer_norm.default, _aten.native_layer_norm.default}  # normalized_shape
 _CONSUMERS = {_aten.linear.default: (0, -1), _aten.matmul.default: (0, -1),
               _aten.mm.default: (0, -1), _aten.addmm.default: (1, -1),
               _aten.conv1d.default: (0, 1), _aten.conv2d.default: (0, 1),
@@ -111,13 +112,14 @@ class FxShrinker:
             key = (attr, axis, use.offset)
             if key not in made:
                 origin = self.origin.get(attr, attr.target)
-                index = self.ledger.keep((origin, axis), tensor.shape[axis],
-                                         removed_channels(group, keep_units, use.offset))
+                index, history = self.ledger.keep(attr.target, axis, tensor.shape[axis],
+                                                  removed_channels(group, keep_units, use.offset))
                 new = torch.index_select(tensor.detach(), axis,
                                          torch.from_numpy(index).to(tensor.device)).contiguous()
                 with self.gm.graph.inserting_before(attr):
                     made[key] = mark(self.gm.graph.get_attr(
                         add_tensor(self.gm, f"{origin}.prune", new)), self.pass_name)
+                self.ledger.adopt(made[key].target, history)
                 self.origin[made[key]] = origin
             owner.replace_input_with(attr, made[key])
             self.stale[attr] = None

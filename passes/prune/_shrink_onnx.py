@@ -134,10 +134,11 @@ class OnnxShrinker:
             key = (id(value), axis, use.offset)
             if key not in made:
                 origin = value.meta.get("prune.origin", value.name)
-                kept = self.ledger.keep((origin, axis), array.shape[axis],
-                                        removed_channels(group, keep_units, use.offset))
+                kept, history = self.ledger.keep(value.name, axis, array.shape[axis],
+                                                 removed_channels(group, keep_units, use.offset))
                 made[key] = add_initializer(self.graph, f"{origin}.{TAG}", np.ascontiguousarray(
                     np.take(array, kept, axis)), self.pass_name, self.taken)
+                self.ledger.adopt(made[key].name, history)
                 made[key].meta["prune.origin"] = origin
             owner.replace_input_with(index, made[key])
             self.stale[value] = None
@@ -148,7 +149,7 @@ class OnnxShrinker:
             heads = node.attributes.get_int("num_heads")
             node.attributes["num_heads"] = ir.AttrInt64("num_heads", scale_count(heads, kept, size))
             return
-        index = 1 if node.op_type in ("Reshape", "Split") else None
+        index = 1 if node.op_type in ("Reshape", "Split", "Expand") else None
         if index is None or len(node.inputs) <= index or node.inputs[index] is None:
             raise UnsupportedGraphError(f"cannot rewrite the shape of {node.op_type} "
                                         f"{node.name!r}; exclude this group")
@@ -197,6 +198,9 @@ class OnnxShrinker:
                                                  self.taken))
                 self.graph.insert_before(node, mark(fresh, self.pass_name))
                 node.replace_input_with(index, out)
+                if not concat.outputs[0].uses() and not concat.outputs[0].is_graph_output():
+                    self.graph.remove(concat, safe=True)  # the old target is dead
+                    self.stale[piece] = None
                 return
             start += length
 

@@ -36,7 +36,8 @@ logger = logging.getLogger(__name__)
 CROSS_CHANNEL = {"aten.layer_norm", "aten.native_layer_norm", "aten.rms_norm", "aten.group_norm",
                  "aten.native_group_norm", "LayerNormalization", "GroupNormalization",
                  "RMSNormalization", "com.microsoft::SkipLayerNormalization",
-                 "com.microsoft::SimplifiedLayerNormalization", "SimplifiedLayerNormalization"}
+                 "com.microsoft::SimplifiedLayerNormalization", "SimplifiedLayerNormalization",
+                 "aten.mean", "aten.var", "aten.var_mean", "ReduceMean"}  # keep-dim statistics
 _PASS = {"aten.view", "aten.reshape", "aten._unsafe_view", "aten.transpose", "aten.permute",
          "aten.contiguous", "aten.clone", "aten.add", "aten.mul", "aten.div", "aten.expand",
          "aten.to", "aten._to_copy", "aten.unsqueeze", "aten.squeeze", "aten.dropout",

@@ -91,7 +91,7 @@ class FoldPruned(Pass):
             plan = self._plan(shrinker, group) if group.prunable else None
             if plan is not None:
                 plans.append(plan)
-        wanted = sorted({c[1] for p in plans if p[2].any() for c in p[3]})
+        wanted = sorted({c[1] for p in plans if p[2].any() for c in p[3] if c[1] is not None})
         values = example_values(graph, wanted) if wanted else {}
         deltas: dict[object, np.ndarray] = {}  # consumer -> bias increment
         maps: dict[object, np.ndarray] = {}  # padded convolution -> ones-channel kernel
@@ -146,7 +146,8 @@ class FoldPruned(Pass):
     def _plan(self, shrinker, group):
         """Rules 1-3 on the weights: (group, dead units, zero-producer units, consumers)."""
         units = group.size // group.unit
-        if any(op_name(shrinker.node(u.node)) in CROSS_CHANNEL for u in group.uses):
+        if any(u.role == "stat" or op_name(shrinker.node(u.node)) in CROSS_CHANNEL
+               for u in group.uses):
             return None
         dead, constant = np.ones(units, bool), np.ones(units, bool)
         consumers, producers = [], 0

@@ -42,8 +42,11 @@ def apply_groups(model: ir.Model, plan: list[tuple[ChannelGroup, list[int]]], *,
         removed = [c for u in units for c in range(u * group.unit, (u + 1) * group.unit)]
         kept = group.size - len(removed)
         for use in group.uses:
+            if use.role == "stat":  # a marker: nothing stored to slice
+                continue
             if use.role == "shape":
-                entries[use.node, use.tensor][use.axis] = (kept, group.size)
+                node, tensor, pos = _stored_at(nodes, use)
+                entries[node, tensor][pos] = (kept, group.size)
             elif use.role == "in" or not zero_consumers:
                 axes[use.node, use.tensor][use.axis].update(use.offset + c for c in removed)
     for key in {*axes, *([] if zero_consumers else entries)}:
@@ -66,6 +69,22 @@ def apply_groups(model: ir.Model, plan: list[tuple[ChannelGroup, list[int]]], *,
                 if not value.is_graph_output():
                     value.shape = None
     return model
+
+
+def _stored_at(nodes: dict, use) -> tuple[str, str, int]:
+    """(node, constant, position) holding a shape entry: a Reshape target built by a Concat
+    is recorded at its full-target position; the number lives in one constant piece."""
+    value = next(v for v in nodes[use.node].inputs if v is not None and v.name == use.tensor)
+    concat = value.producer()
+    if constant_array(value) is not None or concat is None or concat.op_type != "Concat":
+        return use.node, use.tensor, use.axis
+    start = 0
+    for piece in concat.inputs:
+        length = len(ints) if (ints := constant_array(piece)) is not None else piece.shape[0]
+        if start <= use.axis < start + length:
+            return concat.name, piece.name, use.axis - start
+        start += length
+    raise AssertionError(f"no entry {use.axis} in the target of {use.node}")
 
 
 def _const(value: ir.Value) -> np.ndarray:
@@ -552,3 +571,22 @@ def test_onnx_dynamic_shapes_follow_run_time_reshapes():
     assert signature(groups) == signature(channel_groups(capture(model, (x,))))
     bigger = torch.randn(3, 7, 32)
     check_exact(onnx_model, _feeds(onnx_model, bigger), [(g, [1, 3]) for g in groups if g.prunable])
+
+
+def test_computed_linear_weight_blocks_instead_of_crashing():
+    """F.linear(x, w * g) (weight norm): the weight is no constant, so its input and output
+    spaces are blocked (this used to raise AttributeError)."""
+
+    class WeightNorm(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w, self.g = nn.Parameter(torch.randn(16, 8)), nn.Parameter(torch.ones(16, 1))
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.b(F.linear(self.a(x), self.w * self.g))
+
+    groups = {g.name: g for g in channel_groups(capture(WeightNorm().eval(), (torch.randn(3, 8),)))}
+    assert not groups["linear:out"].prunable  # a's output feeds the computed-weight linear
+    assert "the weight is not a constant" in groups["linear:out"].reason
+    assert all(not g.prunable for g in groups.values())

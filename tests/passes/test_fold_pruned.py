@@ -248,3 +248,61 @@ def test_fold_pruned_then_fold_batchnorm_runs_in_ort(h):
     assert "BatchNormalization" not in h.onnx_ops(onnx_model)
     np.testing.assert_allclose(h.run_graph(onnx_model, x), expected, rtol=1e-4, atol=1e-5)
     assert result.report.records[0].stats["units_removed"] > 0
+
+
+class NormMid(nn.Module):
+    """Linear → (decomposed RMSNorm | weightless LayerNorm) → Linear whose first 8 input
+    columns are zero: the zero channels still count in the norm's mean."""
+
+    def __init__(self, norm: str) -> None:
+        super().__init__()
+        self.norm, self.a, self.b = norm, nn.Linear(8, 32), nn.Linear(32, 4)
+        self.ln, self.w = nn.LayerNorm(32, elementwise_affine=False), nn.Parameter(
+            torch.rand(32) + 0.5)
+        with torch.no_grad():
+            self.b.weight[:, :8] = 0
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.norm == "rms":  # as torch.export records LLaMA's RMSNorm
+            return self.b(h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * self.w)
+        return self.b(self.ln(h))
+
+
+@pytest.mark.parametrize("norm", ["rms", "layernorm"])
+@pytest.mark.parametrize("ir_kind", ["fx", "onnx"])
+def test_norm_statistics_block_folding(h, ir_kind, norm):
+    """A keep-dim mean or a weightless norm counts the channels: the group carries a "stat"
+    use and fold-pruned leaves it (removing 8 zero channels changed outputs by ~0.09)."""
+    model, x = NormMid(norm).eval(), torch.randn(5, 8)
+    graph = h.graph_of(model, x, ir_kind)
+    hidden = next(g for g in channel_groups(graph) if g.size == 32)
+    if ir_kind == "fx" or norm == "rms":  # ONNX LayerNormalization always has a scale
+        assert any(u.role == "stat" and u.tensor == "" for u in hidden.uses)
+    result = gp.optimize(graph, [FoldPruned()], verify="off")
+    assert not result.modified
+    with torch.no_grad():
+        ref = model(x).numpy()
+    np.testing.assert_allclose(h.run_graph(result.graph, x), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_consumer_without_readable_input_does_not_crash(h):
+    """A ConvTranspose consumer has no readable data input (None in the example-value list)."""
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c, self.t = nn.Conv2d(3, 8, 3), nn.ConvTranspose2d(8, 4, 3)
+            self.f1, self.f2 = nn.Linear(4 * 6 * 6, 16), nn.Linear(16, 2)
+
+        def forward(self, x):
+            return self.f2(torch.relu(self.f1(self.t(torch.relu(self.c(x))).flatten(1))))
+
+    model, x = M().eval(), torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        model.c.weight[0] = 0
+        model.f1.weight[0] = 0
+        ref = model(x).numpy()
+    result = FoldPruned()(gp.capture(model, (x,)))
+    assert result.modified and result.stats["units_removed"] >= 1
+    np.testing.assert_allclose(h.run_graph(result.graph, x), ref, rtol=1e-5, atol=1e-5)

@@ -252,8 +252,12 @@ def test_importance_math():
     # normalised: [.4, .8, 1.2, 1.6] and [.04, .04, .04, 3.9]: the four lowest go
     assert glob[0].tolist() == [1, 2, 3] and glob[1].tolist() == [3]
     ledger = IndexLedger()
-    assert ledger.keep(("w", 0), 10, np.array([0, 1])).tolist() == list(range(2, 10))
-    assert ledger.keep(("w", 0), 8, np.array([5])).tolist() == [0, 1, 2, 4, 5, 6, 7]
+    kept, hist = ledger.keep("w", 0, 10, np.array([0, 1]))
+    assert kept.tolist() == list(range(2, 10))
+    ledger.adopt("w.prune", hist)
+    assert ledger.keep("w.prune", 0, 8, np.array([5]))[0].tolist() == [0, 1, 2, 4, 5, 6, 7]
+    # the original constant read elsewhere (tied weights) is not shifted by w.prune's history
+    assert ledger.keep("w", 0, 10, np.array([0, 5]))[0].tolist() == [1, 2, 3, 4, 6, 7, 8, 9]
     stats = ChannelStats(axis=1)
     stats.update(np.array([[1.0, -2.0], [3.0, 0.0]]))
     np.testing.assert_allclose(stats.energy, [5.0, 2.0])
@@ -349,3 +353,149 @@ def test_minilm_ffn_half_on_onnx(h, minilm):
     assert [v.name for v in graph.graph.outputs] == names
     states = h.ort_outputs(graph, feeds)[0]
     assert states.shape == (*inputs["input_ids"].shape, 384) and np.isfinite(states).all()
+
+
+class Tied(nn.Module):
+    """One Linear pair called twice: both calls read the same weight constants."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.a, self.b, self.out = (nn.Linear(8, 16), nn.Linear(16, 32),
+                                              nn.Linear(32, 16), nn.Linear(16, 4))
+
+    def forward(self, x, drop=None):
+        x = self.inp(x)
+        for gone in drop or ((), ()):
+            hidden = torch.relu(self.a(x))
+            if gone:  # the reference: a removed channel reads as zero
+                hidden = hidden * torch.from_numpy(~np.isin(np.arange(32), gone)).float()
+            x = self.b(hidden)
+        return self.out(x)
+
+
+@pytest.mark.parametrize("ir_kind", ["fx", "onnx"])
+def test_tied_weights_slice_each_call_from_the_original(h, ir_kind):
+    """Two groups slicing one shared constant through different readers: the second group's
+    indices are not shifted by the first's (overlapping removals used to raise, disjoint ones
+    removed the wrong rows)."""
+    model, x = Tied().eval(), torch.randn(3, 8)
+    graph = h.graph_of(model, x, ir_kind)
+    shrinker = (FxShrinker if ir_kind == "fx" else OnnxShrinker)(graph, "t")
+    from graphpress.graph.channels import channel_groups
+
+    hidden = [g for g in channel_groups(graph) if g.size == 32]
+    assert len(hidden) == 2
+    drops = ([0, 1], [1, 5])
+    for group, gone in zip(hidden, drops):
+        shrinker.shrink(group, np.setdiff1d(np.arange(32), gone))
+    shrinker.finish()
+    with torch.no_grad():
+        ref = model(x, drops).numpy()
+    np.testing.assert_allclose(h.run_graph(graph, x), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_layer_norm_normalized_shape_is_rescaled(affine):
+    """FX aten.layer_norm's normalized_shape is a "shape" use and shrinks with the channels
+    (it used to stay [32] and crash); the result is LayerNorm over the kept channels."""
+    torch.manual_seed(0)
+    a, ln, b = nn.Linear(8, 32), nn.LayerNorm(32, elementwise_affine=affine), nn.Linear(32, 4)
+    model, x = nn.Sequential(a, ln, b).eval(), torch.randn(5, 8)
+    gm = gp.capture(model, (x,))
+    from graphpress.graph.channels import channel_groups
+
+    group = next(g for g in channel_groups(gm) if g.size == 32)
+    assert group.prunable and any(u.role == "shape" for u in group.uses)
+    keep = np.arange(0, 32, 2)
+    shrinker = FxShrinker(gm, "t")
+    shrinker.shrink(group, keep)
+    shrinker.finish()
+    with torch.no_grad():
+        k = torch.from_numpy(keep)
+        hidden = nn.functional.linear(x, a.weight[k], a.bias[k])
+        hidden = nn.functional.layer_norm(hidden, (16,), *((ln.weight[k], ln.bias[k])
+                                                           if affine else (None, None)))
+        ref = nn.functional.linear(hidden, b.weight[:, k], b.bias)
+        np.testing.assert_allclose(gm(x).numpy(), ref.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def _onnx_model(nodes, x_shape, y_shape, inits, opset=17):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
+        [numpy_helper.from_array(np.asarray(a), n) for n, a in inits.items()])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                              ir_version=10)
+    return ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(proto, data_prop=True))
+
+
+def test_onnx_concat_reshape_targets_are_no_groups_and_scale(h):
+    """Reshape targets built as Concat(Shape-gather, constant): the constant piece is no
+    producer (no placeholder group), the entry is recorded at the Reshape with its position in
+    the full target, and pruning heads rewrites it (equals zeroing Wo's rows in ORT)."""
+    from onnx import helper
+
+    rng = np.random.default_rng(0)
+    inits = {"Wq": rng.standard_normal((16, 16)).astype(np.float32),
+             "Wo": rng.standard_normal((16, 16)).astype(np.float32),
+             "hd": np.array([4, 4]), "dd": np.array([16]), "i0": np.array([0])}
+    mk = helper.make_node
+    nodes = [mk("MatMul", ["x", "Wq"], ["q"], name="mq"), mk("Shape", ["x"], ["sx"], name="shp"),
+             mk("Gather", ["sx", "i0"], ["b"], name="g0", axis=0),
+             mk("Concat", ["b", "hd"], ["t1"], name="c1", axis=0),
+             mk("Reshape", ["q", "t1"], ["q4"], name="r1"), mk("Relu", ["q4"], ["q4r"], name="relu"),
+             mk("Concat", ["b", "dd"], ["t2"], name="c2", axis=0),
+             mk("Reshape", ["q4r", "t2"], ["q2"], name="r2"),
+             mk("MatMul", ["q2", "Wo"], ["y"], name="mo")]
+    model = _onnx_model(nodes, [2, 16], [2, 16], inits)
+    from graphpress.graph.channels import channel_groups
+
+    groups = channel_groups(model)
+    assert [g.name for g in groups] == ["mq:heads", "mo:out"]
+    shapes = {(u.node, u.axis) for u in groups[0].uses if u.role == "shape"}
+    assert shapes == {("r1", 1), ("r2", 1)}
+    x = rng.standard_normal((2, 16)).astype(np.float32)
+    shrinker = OnnxShrinker(model, "t")
+    shrinker.shrink(groups[0], np.array([0, 2]))
+    shrinker.finish()
+    masked = inits["Wo"].copy()
+    masked[[4, 5, 6, 7, 12, 13, 14, 15]] = 0
+    ref = np.maximum(x @ inits["Wq"], 0) @ masked
+    np.testing.assert_allclose(h.ort_outputs(model, {"x": x})[0], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_onnx_expand_target_scales_and_legacy_split_blocks(h):
+    """An Expand target entry is a shape use the ONNX shrinker rewrites like Reshape's; a
+    Split whose sizes are the old attribute (opset 11) is blocked, not a crash."""
+    from onnx import helper
+
+    rng = np.random.default_rng(0)
+    inits = {"W1": rng.standard_normal((8, 16)).astype(np.float32),
+             "W2": rng.standard_normal((16, 4)).astype(np.float32),
+             "tgt": np.array([3, 5, 16]), "ax": np.array([1])}
+    mk = helper.make_node
+    nodes = [mk("MatMul", ["x", "W1"], ["h"], name="m1"),
+             mk("Unsqueeze", ["h", "ax"], ["hu"], name="u"),
+             mk("Expand", ["hu", "tgt"], ["he"], name="ex"), mk("Relu", ["he"], ["hr"], name="r"),
+             mk("MatMul", ["hr", "W2"], ["y"], name="m2")]
+    model = _onnx_model(nodes, [3, 8], [3, 5, 4], inits)
+    x = rng.standard_normal((3, 8)).astype(np.float32)
+    result = PruneChannels(ratio=0.5, round_to=1)(model)
+    assert result.modified and result.stats["units_removed"] == 8
+    kept = next(v for v in model.graph.initializers.values() if v.name.startswith("tgt"))
+    assert kept.const_value.numpy().tolist() == [3, 5, 8]
+    assert h.ort_outputs(model, {"x": x})[0].shape == (3, 5, 4)
+
+    nodes = [mk("MatMul", ["x", "W1"], ["h"], name="m1"),
+             mk("Split", ["h"], ["h0", "h1"], name="sp", axis=1, split=[6, 10]),
+             mk("Concat", ["h1", "h0"], ["hc"], name="cat", axis=1),
+             mk("MatMul", ["hc", "W2"], ["y"], name="m2")]
+    legacy = _onnx_model(nodes, [3, 8], [3, 4], {k: inits[k] for k in ("W1", "W2")}, opset=11)
+    from graphpress.graph.channels import channel_groups
+
+    parts = [g for g in channel_groups(legacy) if g.name.startswith("m1:")]
+    assert sorted(g.size for g in parts) == [6, 10]
+    assert all(not g.prunable and "attribute" in g.reason for g in parts)
