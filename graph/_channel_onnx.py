@@ -20,6 +20,7 @@ from ._channel_onnx_read import (
 )
 from ._channel_view import Const, Entry, Op, View
 from .analysis import op_name
+from .onnx import subgraphs
 
 __all__ = ["onnx_view"]
 
@@ -130,12 +131,7 @@ def _convert(node: ir.Node, names: dict[int, str]) -> tuple[str, list, dict]:  #
 
 def _outer_values(node: ir.Node) -> list[str]:
     """Main-graph values read inside ``node``'s subgraphs (If/Loop/Scan bodies)."""
-    bodies = []
-    for attr in node.attributes.values():
-        if attr.type == ir.AttributeType.GRAPH:
-            bodies.append(attr.value)
-        elif attr.type == ir.AttributeType.GRAPHS:
-            bodies.extend(attr.value)
+    bodies = subgraphs(node)
     defined: set[int] = set()
     read: list[ir.Value] = []
     stack = list(bodies)

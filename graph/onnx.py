@@ -17,6 +17,7 @@ __all__ = [
     "add_initializer",
     "unique_name",
     "value_names",
+    "subgraphs",
 ]
 
 PROVENANCE = "graphpress.pass"
@@ -80,3 +81,14 @@ def add_initializer(
     graph.register_initializer(value)
     mark(value, pass_name)
     return value
+
+
+def subgraphs(node: ir.Node) -> list[ir.Graph]:
+    """The graphs held by ``node``'s attributes (``If`` branches, ``Loop``/``Scan`` bodies)."""
+    found = []
+    for attr in node.attributes.values():
+        if attr.type == ir.AttributeType.GRAPH:
+            found.append(attr.value)
+        elif attr.type == ir.AttributeType.GRAPHS:
+            found.extend(attr.value)
+    return found

@@ -20,7 +20,7 @@ from torch import fx
 
 from graphpress.graph.errors import PreconditionError
 from graphpress.graph.kind import is_canonical_fx
-from graphpress.graph.onnx import value_names  # re-exported for the passes
+from graphpress.graph.onnx import subgraphs, value_names  # re-exported for the passes
 
 __all__ = [
     "bypass_onnx",
@@ -94,17 +94,6 @@ def remove_dead_fx(gm: fx.GraphModule, candidates: Iterable[fx.Node]) -> tuple[i
             delattr(owner, field)  # fresh container (clone) or the graph's own module
             attrs += 1
     return len(erased), attrs
-
-
-def subgraphs(node: ir.Node) -> list[ir.Graph]:
-    """The graphs held by ``node``'s attributes (``If`` branches, ``Loop``/``Scan`` bodies)."""
-    found = []
-    for attr in node.attributes.values():
-        if attr.type == ir.AttributeType.GRAPH:
-            found.append(attr.value)
-        elif attr.type == ir.AttributeType.GRAPHS:
-            found.extend(attr.value)
-    return found
 
 
 def _detach(node: ir.Node) -> None:

@@ -28,6 +28,7 @@ from graphpress.graph.kind import kind
 from .._collect import collect
 from .._rewrite import require_canonical
 from ..base import Pass, PassResult
+from ..calibrate import CalibrationTable
 from ..registry import register
 from ._importance import (
     ChannelStats,
@@ -124,7 +125,7 @@ class PruneChannels(Pass):
     def _run(self, graph, shrinker, calibration: Any) -> PassResult:
         start = time.perf_counter()
         needs_data = self.importance in ("activation", "taylor")
-        if needs_data and (calibration is None or _is_table(calibration)):
+        if needs_data and (calibration is None or isinstance(calibration, CalibrationTable)):
             raise PreconditionError(
                 f"prune-channels: importance={self.importance} needs calibration batches (raw "
                 "inputs, not a CalibrationTable): optimize(graph, passes, calibration=batches), "
@@ -203,9 +204,3 @@ class PruneChannels(Pass):
         else:
             collect(graph, calibration, sorted(stats), lambda n, a: stats[n].update(a))
         return stats
-
-
-def _is_table(calibration: Any) -> bool:
-    from ..calibrate import CalibrationTable
-
-    return isinstance(calibration, CalibrationTable)

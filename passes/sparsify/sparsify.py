@@ -31,6 +31,7 @@ from .._collect import collect
 from .._linears import LinearSite, find_linears, replace_weight
 from .._rewrite import require_canonical
 from ..base import Pass, PassResult
+from ..calibrate import CalibrationTable
 from ..registry import register
 from ._masks import (
     ActivationStats,
@@ -131,7 +132,8 @@ class Sparsify(Pass):
 
     def _run(self, graph, calibration: Any) -> PassResult:
         start = time.perf_counter()
-        if self.activation_aware and (calibration is None or _is_table(calibration)):
+        no_inputs = calibration is None or isinstance(calibration, CalibrationTable)
+        if self.activation_aware and no_inputs:
             raise PreconditionError(
                 "sparsify: activation_aware=true needs calibration batches (raw inputs, not a "
                 "CalibrationTable): optimize(graph, passes, calibration=batches), or set "
@@ -181,7 +183,7 @@ class Sparsify(Pass):
 
     def _activations(self, graph, chosen, calibration) -> dict[str, ActivationStats]:
         """Rule 4: ``Σx²`` and sample rows at every targeted layer's input."""
-        if calibration is None or _is_table(calibration) or not chosen:
+        if calibration is None or isinstance(calibration, CalibrationTable) or not chosen:
             return {}
         found = {site.x: ActivationStats(w.shape[1]) for site, w in chosen}
 
@@ -214,9 +216,3 @@ def _itemsize(graph, site: LinearSite, w: np.ndarray) -> int:
     if isinstance(site.source, fx.Node):
         return get_tensor(graph, site.source).element_size()
     return w.dtype.itemsize
-
-
-def _is_table(calibration: Any) -> bool:
-    from ..calibrate import CalibrationTable
-
-    return isinstance(calibration, CalibrationTable)
