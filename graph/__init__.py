@@ -9,6 +9,7 @@ from __future__ import annotations
 from .analysis import Measure, measure, op_name, to_networkx
 from .capture import capture
 from .channels import ChannelGroup, ChannelUse, channel_groups
+from .costs import CostTable, NodeCost, ValueInfo, node_costs, peak_live_bytes
 from .errors import (
     CaptureError,
     ExportError,
@@ -24,11 +25,15 @@ from .errors import (
 from .html import to_dot, to_svg
 from .io import load, save
 from .kind import Graph, GraphKind, clone, is_canonical_fx, kind
+from .memory import MemoryEstimate, estimate_memory, kv_cache_bytes
+from .memory_report import MemoryReport, memory_report
 from .printing import GraphDiff, NodeChange, Summary, diff, format, summary
 from .verify import verify
 
 __all__ = [
     "ChannelGroup", "ChannelUse", "channel_groups",
+    "CostTable", "NodeCost", "ValueInfo", "node_costs", "peak_live_bytes",
+    "MemoryEstimate", "MemoryReport", "estimate_memory", "kv_cache_bytes", "memory_report",
     "Graph",
     "GraphKind",
     "GraphDiff",

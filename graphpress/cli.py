@@ -42,6 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--groups", action="store_true",
                          help="also print the coupled channel groups (one line each: name, "
                          "kind, size/unit, uses, prunable or why not)")
+    inspect.add_argument("--memory", action="store_true",
+                         help="also estimate memory (weights, peak activations, KV cache) and "
+                         "list the costliest nodes by FLOPs")
+    inspect.add_argument("--batch", type=int, metavar="N", help="batch size for --memory "
+                         "(default: the model's static input shape)")
+    inspect.add_argument("--seq", type=int, metavar="N", help="sequence length for --memory")
+    inspect.add_argument("--dim", action="append", default=[], metavar="NAME=N",
+                         help="bind a symbolic input dim for --memory; repeatable")
+    inspect.add_argument("--kv-cache", choices=("auto", "yes", "no"), default="auto",
+                         help="count a KV cache with --memory (auto: when attention is causal)")
+    inspect.add_argument("--top", type=int, default=10, metavar="N",
+                         help="nodes listed by --memory (default 10)")
 
     opt = sub.add_parser("optimize", help="run passes over an ONNX model and write ONNX")
     opt.add_argument("model", help="path to an .onnx file (never modified)")
@@ -114,13 +126,21 @@ def _configure_logging(verbose: bool) -> None:
 def _inspect(args: argparse.Namespace) -> int:
     from graphpress import graph
 
+    memory_options = _memory_options(args)
     model = graph.load(args.model)
     summary = graph.summary(model)
     groups = graph.channel_groups(model) if args.groups else None
+    memory = None
+    if args.memory:
+        from graphpress.graph.memory_report import memory_report
+
+        memory = memory_report(model, top=args.top, **memory_options)
     if args.json:
         data = summary.to_dict()
         if groups is not None:
             data["channel_groups"] = [dataclasses.asdict(g) for g in groups]
+        if memory is not None:
+            data["memory"] = memory.as_dict()
         print(json.dumps(data, indent=2, default=str))
     else:
         print(summary)
@@ -128,7 +148,33 @@ def _inspect(args: argparse.Namespace) -> int:
             print(graph.format(model))
         if groups is not None:
             print(_group_lines(groups))
+        if memory is not None:
+            print(memory)
     return 0
+
+
+def _memory_options(args: argparse.Namespace) -> dict:
+    """estimate_memory keywords from --batch/--seq/--dim/--kv-cache (checked before loading)."""
+    given = [name for name, value in (("--batch", args.batch), ("--seq", args.seq),
+                                      ("--dim", args.dim)) if value]
+    if args.kv_cache != "auto":
+        given.append("--kv-cache")
+    if given and not args.memory:
+        raise GraphpressError(f"{', '.join(given)}: only used by --memory; add --memory")
+    if args.top < 0:
+        raise GraphpressError(f"--top must be at least 0, got {args.top}")
+    dims = {}
+    for item in args.dim:
+        name, _, value = item.partition("=")
+        if not name or not value.strip().isdigit():
+            raise GraphpressError(f"--dim {item!r}: expected NAME=N with N a whole number, "
+                                  "e.g. --dim batch=4")
+        dims[name.strip()] = int(value)
+    for flag, value in (("--batch", args.batch), ("--seq", args.seq)):
+        if value is not None and value < 1:
+            raise GraphpressError(f"{flag} must be at least 1, got {value}")
+    return {"batch": args.batch, "seq": args.seq, "dims": dims,
+            "kv_cache": {"auto": None, "yes": True, "no": False}[args.kv_cache]}
 
 
 def _group_lines(groups) -> str:
