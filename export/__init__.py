@@ -13,9 +13,14 @@ from .legality import ort_legal
 from .onnx import PASS_KEY, save, to_onnx
 from .ort import Session, resolve_providers, session
 from .parity import OutputParity, Parity, check_parity
+from .stages import PIPELINE_KEY, STAGE_KEY, Stage, split_stages
 
 __all__ = [
     "PASS_KEY",
+    "PIPELINE_KEY",
+    "STAGE_KEY",
+    "Stage",
+    "split_stages",
     "OutputParity",
     "Parity",
     "Session",

@@ -47,6 +47,7 @@ def _load_builtin_passes() -> None:
         fold,
         fuse_attention,
         low_rank,
+        partition,
         prune,
         quantize,
         sparsify,

@@ -1,0 +1,15 @@
+"""Partitioning passes: ``partition-pipeline`` (contiguous pipeline stages, annotated) and the
+tensor/sequence-parallel sharding passes.
+
+``_stage_plan.py`` is the IR-free, exact stage optimiser; ``_pipeline_costs.py`` reads node
+costs and boundary sizes off ``graphpress.graph.costs``; ``graphpress.export.split_stages``
+materialises the annotated stages. Importing the folder registers the passes.
+"""
+
+from __future__ import annotations
+
+from .pipeline import PartitionPipeline
+
+# tensor/sequence parallel passes (helper C's modules) are imported here when they land
+
+__all__ = ["PartitionPipeline"]
