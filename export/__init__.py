@@ -13,6 +13,7 @@ from .legality import ort_legal
 from .onnx import PASS_KEY, save, to_onnx
 from .ort import Session, resolve_providers, session
 from .parity import OutputParity, Parity, check_parity
+from .shards import Collective, Shard
 from .stages import PIPELINE_KEY, STAGE_KEY, Stage, split_stages
 
 __all__ = [
@@ -21,9 +22,11 @@ __all__ = [
     "STAGE_KEY",
     "Stage",
     "split_stages",
+    "Collective",
     "OutputParity",
     "Parity",
     "Session",
+    "Shard",
     "check_parity",
     "ort_legal",
     "resolve_providers",

@@ -27,6 +27,7 @@ from graphpress.graph import (
     channel_groups,
     clone,
     diff,
+    estimate_memory,
     format,
     kind,
     load,
@@ -43,6 +44,7 @@ from graphpress.passes import (
     calibrate,
     optimize,
 )
+from graphpress.passes.partition import shard, tensor_parallel_plan, to_torch_plan
 
 __version__ = "0.1.0"
 
@@ -67,6 +69,7 @@ __all__ = [
     "ChannelGroup", "ChannelUse", "capture", "channel_groups",
     "clone",
     "diff",
+    "estimate_memory",
     "format",
     "export",
     "graph",
@@ -75,5 +78,8 @@ __all__ = [
     "optimize",
     "passes",
     "save",
+    "shard",
     "summary",
+    "tensor_parallel_plan",
+    "to_torch_plan",
 ]

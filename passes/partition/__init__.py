@@ -9,7 +9,15 @@ materialises the annotated stages. Importing the folder registers the passes.
 from __future__ import annotations
 
 from .pipeline import PartitionPipeline
+from .sequence_parallel import ShardSequenceParallel
+from .shard import shard
+from .tensor_parallel import ShardTensorParallel, tensor_parallel_plan, to_torch_plan
 
-# tensor/sequence parallel passes (helper C's modules) are imported here when they land
-
-__all__ = ["PartitionPipeline"]
+__all__ = [
+    "PartitionPipeline",
+    "ShardSequenceParallel",
+    "ShardTensorParallel",
+    "shard",
+    "tensor_parallel_plan",
+    "to_torch_plan",
+]
