@@ -12,6 +12,7 @@ from .channels import ChannelGroup, ChannelUse, channel_groups
 from .costs import CostTable, NodeCost, ValueInfo, node_costs, peak_live_bytes
 from .errors import (
     CaptureError,
+    DistributedError,
     ExportError,
     GraphpressError,
     ModelLoadError,
@@ -56,6 +57,7 @@ __all__ = [
     "to_svg",
     "verify",
     "CaptureError",
+    "DistributedError",
     "ExportError",
     "GraphpressError",
     "ModelLoadError",

@@ -18,6 +18,7 @@ __all__ = [
     "VerificationError",
     "PassSpecError",
     "ExportError",
+    "DistributedError",
 ]
 
 
@@ -59,3 +60,7 @@ class PassSpecError(GraphpressError):
 
 class ExportError(GraphpressError):
     """Exporting to ONNX or building an ONNX Runtime session failed."""
+
+
+class DistributedError(GraphpressError):
+    """A distributed run failed: a rank raised, died or timed out, or the layout is invalid."""

@@ -1,4 +1,4 @@
-"""Command line: ``graphpress inspect|optimize|diff|passes|demo``.
+"""Command line: ``graphpress inspect|optimize|diff|passes|demo|run-distributed``.
 
 Every failure the user can fix (a missing or broken model, an unknown pass or option, a graph a
 pass does not support) prints one line ``graphpress: error: ...`` to stderr and exits with
@@ -90,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="compression pass for the ONNX model (default: quantize-dynamic); "
                       "repeatable, e.g. -p insert-qdq")
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    from graphpress._run_distributed import HELP as RUN_DISTRIBUTED_HELP
+    from graphpress._run_distributed import add_arguments as run_distributed_arguments
+
+    run_distributed_arguments(sub.add_parser("run-distributed", help=RUN_DISTRIBUTED_HELP))
     return parser
 
 
@@ -308,10 +313,17 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _run_distributed(args: argparse.Namespace) -> int:
+    from graphpress._run_distributed import run
+
+    return run(args)
+
+
 _COMMANDS = {
     "inspect": _inspect,
     "optimize": _optimize,
     "diff": _diff,
     "passes": _passes,
     "demo": _demo,
+    "run-distributed": _run_distributed,
 }
