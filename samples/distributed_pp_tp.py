@@ -19,16 +19,7 @@ import torch
 import transformers
 
 import graphpress as gp
-from graphpress.export.distributed import (
-    init_from_env,
-    pp_tp_groups,
-    run_pp_tp,
-    run_pp_tp_ort,
-)
-from graphpress.export.stages import split_stages
-from graphpress.passes.partition import PartitionPipeline
-from graphpress.passes.partition.shard import shard
-from graphpress.passes.partition.tensor_parallel import ShardTensorParallel
+from graphpress.export.distributed import init_from_env, pp_tp_groups, run_pp_tp, run_pp_tp_ort
 
 
 class Logits(torch.nn.Module):
@@ -62,10 +53,10 @@ def main() -> None:
     # torch.distributed: FX shard of this tp rank, cut into pipeline stages, 1F1B.
     gm = gp.graph.capture(model, (ids,), dynamic_shapes=(batch,))
     symbol = str(next(n for n in gm.graph.nodes if n.op == "placeholder").meta["val"].shape[0])
-    PartitionPipeline(stages=2, dims=(f"{symbol}={len(ids)}",))(gm)
-    ShardTensorParallel(world_size=2)(gm)
-    part = shard(gm, groups.tp_rank, group_name=groups.tp_group_name)
-    stages = split_stages(part.graph)
+    gm = gp.optimize(gm, [f"partition-pipeline:stages=2,dims={symbol}={len(ids)}",
+                          "shard-tensor-parallel:world_size=2"]).graph
+    part = gp.shard(gm, groups.tp_rank, group_name=groups.tp_group_name)
+    stages = gp.export.split_stages(part.graph)
     out = run_pp_tp(stages, (ids,), groups, schedule="1f1b", microbatches=2)
     if out is not None:
         print(f"rank {rank} (pp {groups.pp_rank}, tp {groups.tp_rank}) torch 1F1B: "
@@ -73,10 +64,10 @@ def main() -> None:
 
     # ONNX Runtime: the same split, one session per segment of this rank's shard.
     onnx = gp.export.to_onnx(model, (ids,), dynamic_shapes=(batch,))
-    PartitionPipeline(stages=2, dims=(f"batch={len(ids)}",))(onnx)
-    ShardTensorParallel(world_size=2)(onnx)
+    onnx = gp.optimize(onnx, [f"partition-pipeline:stages=2,dims=batch={len(ids)}",
+                              "shard-tensor-parallel:world_size=2"]).graph
     feed = {onnx.graph.inputs[0].name: ids.numpy()}
-    got = run_pp_tp_ort(shard(onnx, groups.tp_rank), feed, groups, microbatches=2,
+    got = run_pp_tp_ort(gp.shard(onnx, groups.tp_rank), feed, groups, microbatches=2,
                         intra_op_threads=1)
     if got is not None:
         print(f"rank {rank} (pp {groups.pp_rank}, tp {groups.tp_rank}) ONNX Runtime: "
