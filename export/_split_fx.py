@@ -15,6 +15,7 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
+from graphpress.graph._costs_fx import fx_values
 from graphpress.graph.costs import ValueInfo
 
 from .stages import Stage, crossings, non_tensor_error, stage_indices
@@ -26,12 +27,13 @@ logger = logging.getLogger(__name__)
 _NOT_COMPUTE = ("placeholder", "get_attr", "output")
 
 
-def fx_value_info(node: fx.Node) -> ValueInfo:
-    """Name, concrete shape, dtype and bytes of ``node``'s example value (``meta["val"]``).
+def fx_value_info(node: fx.Node, fallback: object = None) -> ValueInfo:
+    """Name, concrete shape, dtype and bytes of ``node``'s example value (``meta["val"]``, else
+    ``fallback``: the value shape propagation found for a node a pass added without one).
 
-    A node without an example value is taken for a tensor of unknown shape (bytes 0).
+    A node without either is taken for a tensor of unknown shape (bytes 0).
     """
-    value = node.meta.get("val")
+    value = node.meta.get("val", fallback)
     if value is None and "val" not in node.meta:
         return ValueInfo(node.name, None, None, 0, True)
     if not isinstance(value, torch.Tensor):
@@ -60,7 +62,10 @@ def split_fx(gm: fx.GraphModule, annotation: str) -> list[Stage]:
     for node in outputs:
         last_use[node] = count  # needed after the last stage
     live = crossings([*inputs, *compute], defined, last_use, count)
-    infos = {n: fx_value_info(n) for n in {*inputs, *outputs, *(v for k in live for v in k)}}
+    crossing = {*inputs, *outputs, *(v for k in live for v in k)}
+    # nodes a pass added without meta["val"] (dequantisation chains): propagated on a copy
+    vals = fx_values(gm) if any("val" not in n.meta for n in crossing) else {}
+    infos = {n: fx_value_info(n, vals.get(n.name)) for n in crossing}
     for k in range(1, count):
         for node in live[k]:
             if not infos[node].is_tensor:
@@ -70,7 +75,7 @@ def split_fx(gm: fx.GraphModule, annotation: str) -> list[Stage]:
         takes = inputs if k == 0 else live[k]
         gives = outputs if k == count - 1 else live[k + 1]
         members = [n for n in compute if stage_of[n] == k]
-        module = _stage_module(gm, k, takes, members, gives)
+        module = _stage_module(gm, k, takes, members, gives, vals)
         stages.append(Stage(k, module, tuple(infos[n] for n in takes),
                             tuple(infos[n] for n in gives)))
     logger.debug("split %s into %d FX stages", type(gm).__name__, count)
@@ -86,13 +91,15 @@ def _output_nodes(gm: fx.GraphModule) -> list[fx.Node]:
 
 def _stage_module(
     gm: fx.GraphModule, index: int, takes: list[fx.Node], members: list[fx.Node],
-    gives: list[fx.Node],
+    gives: list[fx.Node], vals: dict[str, object],
 ) -> fx.GraphModule:
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for node in takes:
         placeholder = graph.placeholder(node.name)
         placeholder.meta = dict(node.meta)
+        if "val" not in node.meta and vals.get(node.name) is not None:
+            placeholder.meta["val"] = vals[node.name]  # the stage can be costed on its own
         env[node] = placeholder
 
     def lookup(node: fx.Node) -> fx.Node:

@@ -43,7 +43,7 @@ def fx_costs(gm: fx.GraphModule, dims: Mapping[str, int] | None) -> CostTable:
             infos[node.name] = _info(node.name, vals.get(node.name), binder)
         if node.op == "placeholder":
             inputs.append(infos[node.name])
-    nodes, aliases = [], {}
+    nodes, aliases, workspace = [], {}, {}
     for node in gm.graph.nodes:
         if node.op in _SKIP or (node.op == "call_module" and node.target == "_guards_fn"):
             continue
@@ -58,6 +58,9 @@ def fx_costs(gm: fx.GraphModule, dims: Mapping[str, int] | None) -> CostTable:
         base = _alias(node, vals, canonical)
         if base is not None:
             aliases[node.name] = base
+        extra = _workspace(node, info, vals)
+        if extra:
+            workspace[node.name] = extra
         nodes.append(NodeCost(
             name=node.name, op=op_name(node), flops=_flops(node, info, infos),
             inputs=tuple(reads), outputs=(info,), constants=tuple(consts),
@@ -66,7 +69,7 @@ def fx_costs(gm: fx.GraphModule, dims: Mapping[str, int] | None) -> CostTable:
     outputs = tuple(dict.fromkeys(
         n.name for n in tree_leaves(output.args[0]) if isinstance(n, fx.Node)
     ))
-    return CostTable(tuple(nodes), tuple(inputs), outputs, constant_bytes, aliases)
+    return CostTable(tuple(nodes), tuple(inputs), outputs, constant_bytes, aliases, workspace)
 
 
 def fx_values(gm: fx.GraphModule) -> dict[str, object]:
@@ -176,6 +179,20 @@ def _alias(node: fx.Node, vals: dict[str, object], canonical: dict[str, str]) ->
                 return canonical.get(arg.target, arg.target)
             return arg.name
     return None
+
+
+def _workspace(node: fx.Node, info: ValueInfo, vals: dict[str, object]) -> int:
+    """Eager temporaries of the decomposed quantization ops (``_flops.fx_workspace``)."""
+    op = op_name(node)
+    if op not in F.FX_WORKSPACE or info.shape is None:
+        return 0
+
+    def dtype(index: int) -> str | None:
+        arg = node.args[index] if len(node.args) > index else None
+        val = vals.get(arg.name) if isinstance(arg, fx.Node) else None
+        return str(val.dtype).removeprefix("torch.") if isinstance(val, torch.Tensor) else None
+
+    return F.fx_workspace(op, F.numel(info.shape), info.bytes, dtype(0), dtype(2))
 
 
 def _shape(arg: object, infos: dict[str, ValueInfo]) -> tuple[int, ...] | None:

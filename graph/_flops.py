@@ -1,4 +1,5 @@
-"""FLOP formulas and the op vocabulary of the cost model (IR-free; rules in ``costs.py``).
+"""FLOP formulas and the op vocabulary of the cost model (IR-free; rules in ``costs.py``),
+and the eager temporaries of the FX decomposed quantization ops (:func:`fx_workspace`).
 
 Op names are those of :func:`graphpress.graph.op_name`: ``aten.linear`` for FX, ``MatMul`` or
 ``com.microsoft::MatMulNBits`` for ONNX. Each table says where the rule finds its operands.
@@ -15,7 +16,7 @@ __all__ = [
     "FX_MATMUL", "FX_CONV", "FX_TRANSPOSED_CONV", "FX_ATTENTION", "FX_ZERO", "FX_NORM",
     "FX_REDUCE", "FX_POOL",
     "ONNX_MATMUL", "ONNX_CONV", "ONNX_ZERO", "ONNX_NORM", "ONNX_REDUCE", "ONNX_POOL",
-    "ONNX_ATTENTION", "ONNX_ALIAS", "NORM_FLOPS_PER_ELEMENT",
+    "ONNX_ATTENTION", "ONNX_ALIAS", "NORM_FLOPS_PER_ELEMENT", "FX_WORKSPACE", "fx_workspace",
 ]
 
 logger = logging.getLogger(__name__)
@@ -90,6 +91,51 @@ FX_POOL = {
     "aten.avg_pool1d": 1, "aten.avg_pool2d": 1, "aten.avg_pool3d": 1,
     "aten.max_pool2d_with_indices": 1,
 }
+
+#: ops whose eager CPU kernels allocate temporaries beyond their output (see fx_workspace)
+FX_WORKSPACE = frozenset({
+    "quantized_decomposed.quantize_per_tensor", "quantized_decomposed.dequantize_per_tensor",
+    "quantized_decomposed.dequantize_per_channel", "aten.fake_quantize_per_tensor_affine",
+})
+
+
+def fx_workspace(
+    op: str, n: int, out_bytes: int, q_dtype: str | None, zp_dtype: str | None
+) -> int:
+    """Bytes an op allocates beyond its output while it runs (torch 2.13 eager, CPU).
+
+    ``n`` elements, output ``out_bytes``, input codes of ``q_dtype`` and zero points of
+    ``zp_dtype`` (``None``: none); the peak of the op's own allocations minus its output:
+
+    * ``quantize_per_tensor``: ``clamp(round(x·(1/s)) + z)`` keeps two float32 temporaries of
+      ``n`` elements alive at a time (each step frees the one before): peak ``2·4n``;
+    * ``dequantize_per_tensor``: ``(q.to(float32) − z)·s``: peak ``2·4n``;
+    * ``dequantize_per_channel``: ``q − z`` in ``z``'s dtype (``q`` is first cast to it), then
+      ``·s`` casts that difference to float32 next to the output: peak
+      ``max(cast + diff, diff + cast + out)``; without zero points ``q·s`` (a float32 copy of
+      ``q`` next to the output);
+    * ``fake_quantize_per_tensor_affine`` (the cachemask kernel): a bool mask, ``n`` bytes.
+
+    Measured with ``torch.profiler`` (``profile_memory``) on int8/uint8 codes; other ops: 0.
+    """
+    if op == "aten.fake_quantize_per_tensor_affine":
+        return n
+    if op in ("quantized_decomposed.quantize_per_tensor",
+              "quantized_decomposed.dequantize_per_tensor"):
+        return max(0, 2 * 4 * n - out_bytes)
+    if op != "quantized_decomposed.dequantize_per_channel":
+        return 0
+    if zp_dtype is None:
+        return 4 * n if q_dtype != "float32" else 0
+    size = _ITEMSIZE.get(zp_dtype, 8)
+    cast_q = size * n if zp_dtype != q_dtype else 0
+    cast_diff = 4 * n if zp_dtype != "float32" else 0
+    return max(0, max(cast_q + size * n, size * n + cast_diff + out_bytes) - out_bytes)
+
+
+_ITEMSIZE = {"int8": 1, "uint8": 1, "int16": 2, "int32": 4, "int64": 8, "float16": 2,
+             "bfloat16": 2, "float32": 4, "float64": 8}
+
 
 # ONNX -----------------------------------------------------------------------------------------
 _MS = "com.microsoft::"

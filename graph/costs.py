@@ -34,12 +34,15 @@ Runtime runs in place) so that :func:`peak_live_bytes` counts one storage once.
 Liveness (:func:`peak_live_bytes`) sweeps ``nodes[start:stop]``: a value produced in the range
 is live from its node to its last reader in the range, or to the end of the range when a later
 node or the graph output needs it; a value entering the range (graph input or an earlier
-node's output) that is read in the range or needed after it is live from the start. While a
-node runs its inputs and outputs are live together. Constants are not activations; outputs of
-nodes that read only constants (an ONNX ``Transpose`` of a weight, an FX dequantisation chain)
-are, as the graph computes them (ONNX Runtime folds such ONNX nodes into weights at session
-start). A dim that stays unknown (an anonymous ONNX dim, a data-dependent size) makes that
-value count 0 bytes and its node 0 FLOPs.
+node's output) that is read in the range or needed after it is live for the whole range: its
+owner (the caller of the graph, or the pipeline runtime that received a stage's inputs) holds
+it until the range has run, so reading it early does not free it. While a node runs its
+inputs and outputs are live together, with the temporaries its kernel allocates beyond them
+(:attr:`CostTable.workspace`: FX decomposed quantize/dequantize ops). Constants are not
+activations; outputs of nodes that read only constants (an ONNX ``Transpose`` of a weight, an
+FX dequantisation chain) are, as the graph computes them (ONNX Runtime folds such ONNX nodes
+into weights at session start). A dim that stays unknown (an anonymous ONNX dim, a
+data-dependent size) makes that value count 0 bytes and its node 0 FLOPs.
 """
 
 from __future__ import annotations
@@ -83,7 +86,9 @@ class NodeCost:
 class CostTable:
     """Node costs in graph order, the graph's inputs and outputs, and its constants' bytes.
 
-    ``aliases`` maps a value name to the value (or constant) whose storage it shares.
+    ``aliases`` maps a value name to the value (or constant) whose storage it shares;
+    ``workspace`` maps a node name to the bytes it allocates beyond its outputs while it runs
+    (FX: the eager temporaries of the decomposed quantization ops, ``_flops.fx_workspace``).
     """
 
     nodes: tuple[NodeCost, ...]
@@ -91,6 +96,7 @@ class CostTable:
     outputs: tuple[str, ...]
     constant_bytes: Mapping[str, int]
     aliases: Mapping[str, str] = field(default_factory=dict)
+    workspace: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def flops(self) -> int:
@@ -153,8 +159,8 @@ def peak_live_bytes(table: CostTable, start: int = 0, stop: int | None = None) -
         end = stop - 1 if (name in outputs or used >= stop) else used
         if born >= start:
             span = (born, max(born, end))
-        elif end >= start:  # entering: read here or needed later
-            span = (start, end)
+        elif end >= start:  # entering: read here or needed later; its owner holds it throughout
+            span = (start, stop - 1)
         else:
             continue
         base = root(name)
@@ -166,6 +172,10 @@ def peak_live_bytes(table: CostTable, start: int = 0, stop: int | None = None) -
     for base, (lo, hi) in storage.items():
         delta[lo - start] += size[base]
         delta[hi - start + 1] -= size[base]
+    for step, node in enumerate(table.nodes[start:stop]):  # temporaries while a node runs
+        extra = table.workspace.get(node.name, 0)
+        delta[step] += extra
+        delta[step + 1] -= extra
     peak = live = 0
     for change in delta[:-1]:
         live += change

@@ -72,8 +72,8 @@ def test_inspect_memory_binds_symbolic_dims(dynamic_mlp, capsys):
     assert main(["inspect", "--memory", "--json", "--dim", "batch=5", str(dynamic_mlp)]) == 0
     memory = json.loads(capsys.readouterr().out)["memory"]
     assert memory["dims"] == {"batch": 5} and memory["weights"] == (24 + 18) * 4
-    # at fc1: x [5, 4] + h [5, 6]; at act: h + r; at fc2: r + y [5, 3]
-    assert memory["activations_peak"] == 5 * (6 + 6) * 4
+    # the caller holds x [5, 4] throughout; at act: x + h [5, 6] + r [5, 6]
+    assert memory["activations_peak"] == 5 * (4 + 6 + 6) * 4
     assert memory["flops"] == 2 * 5 * 6 * 4 + 5 * 6 + 2 * 5 * 3 * 6
 
 

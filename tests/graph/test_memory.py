@@ -100,12 +100,19 @@ def test_decoder_activations_match_measured_peaks(llama):
     assert abs(estimate - allocated) <= 0.1 * allocated
 
 
-def test_decoder_stage_peaks_are_at_most_the_whole_peak(llama):
+def test_decoder_stage_peaks_are_bounded_by_the_whole_peak(llama):
+    """A later stage may exceed the whole graph's peak by at most what enters it (its inputs
+    are held by the caller for the whole stage)."""
     gm, _, _ = llama
     table = node_costs(gm)
     whole, half = peak_live_bytes(table), len(table.nodes) // 2
     parts = [peak_live_bytes(table, 0, half), peak_live_bytes(table, half)]
-    assert max(parts) <= whole and min(parts) > 0
+    made = {v.name for n in table.nodes[:half] for v in n.outputs} | {v.name for v in table.inputs}
+    sizes = ({v.name: v.bytes for n in table.nodes for v in n.outputs}
+             | {v.name: v.bytes for v in table.inputs})
+    later = {name for n in table.nodes[half:] for name in n.inputs} | set(table.outputs)
+    entering = sum(sizes[name] for name in made & later)
+    assert parts[0] <= whole and parts[1] <= whole + entering and min(parts) > 0
 
 
 def test_static_graph_refuses_another_batch(llama):
