@@ -38,7 +38,7 @@ from ._dist_common import (
 )
 from ._dist_launch import DistributedError
 
-__all__ = ["run_pipeline", "SCHEDULES"]
+__all__ = ["run_pipeline", "validate_pipeline", "SCHEDULES"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,17 +63,13 @@ def run_pipeline(
     whole batch) on the last stage's rank and ``None`` on the others. The stage modules must
     already live on ``device``; the inputs are moved there.
     """
-    if schedule not in SCHEDULES:
-        raise DistributedError(f"unknown schedule {schedule!r}; use one of {sorted(SCHEDULES)}")
+    _check_schedule(schedule)
     group = resolve_group(group)
     count = len(stages)
     ranks = _stage_ranks(stage_ranks, count, group_size(group))
     index = ranks.index(group_rank(group))
     held = stages[index]
-    if not isinstance(held.graph, fx.GraphModule):
-        raise DistributedError(
-            f"stage {index} is a {type(held.graph).__name__}, not an fx.GraphModule; ONNX "
-            "stages run on ONNX Runtime with run_pipeline_ort")
+    _check_fx(held, index)
     first = None
     if index == 0:
         if inputs is None:
@@ -98,6 +94,51 @@ def run_pipeline(
     return tuple(result) if isinstance(result, (tuple, list)) else (result,)
 
 
+def validate_pipeline(
+    stages: Sequence[Any],
+    inputs: Mapping[str, Any] | Sequence[Any],
+    *,
+    schedule: str = "gpipe",
+    microbatches: int = 2,
+    stage_ranks: Sequence[int] | None = None,
+    world_size: int | None = None,
+) -> None:
+    """Check in this process what :func:`run_pipeline` would refuse on its ranks; no group needed.
+
+    ``world_size`` is the pipeline group's size (default: one rank per stage). Raises the
+    :class:`DistributedError` ``run_pipeline`` raises for an unknown schedule, a bad
+    ``stage_ranks``, a non-FX stage, inputs that do not match stage 0 or do not split into
+    ``microbatches`` equal chunks, or a stage that cannot run on one microbatch (checked on fake
+    tensors: shapes only, no compute).
+    """
+    _check_schedule(schedule)
+    count = len(stages)
+    _stage_ranks(stage_ranks, count, count if world_size is None else world_size)
+    for index, stage in enumerate(stages):
+        _check_fx(stage, index)
+    first = ordered_inputs(stages[0].inputs, inputs, "stage 0")
+    sample = [torch.zeros(shape, dtype=dtype) for shape, dtype in _chunk_meta(first, microbatches)]
+    _microbatch_examples(stages, count - 1, sample, microbatches)
+
+
+def _check_schedule(schedule: str) -> None:
+    if schedule not in SCHEDULES:
+        raise DistributedError(f"unknown schedule {schedule!r}; use one of {sorted(SCHEDULES)}")
+
+
+def _check_fx(stage: Any, index: int) -> None:
+    if not isinstance(stage.graph, fx.GraphModule):
+        raise DistributedError(
+            f"stage {index} is a {type(stage.graph).__name__}, not an fx.GraphModule; ONNX "
+            "stages run on ONNX Runtime with run_pipeline_ort")
+
+
+def _chunk_meta(first: list[torch.Tensor],
+                microbatches: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """Shape and dtype of each input's first microbatch (raises if the batch does not split)."""
+    return [(tuple(t.shape), t.dtype) for t in split_microbatches(first, microbatches)[0]]
+
+
 def _stage_ranks(stage_ranks: Sequence[int] | None, count: int, size: int) -> list[int]:
     ranks = list(range(count)) if stage_ranks is None else [int(r) for r in stage_ranks]
     if len(ranks) != count or sorted(ranks) != list(range(size)):
@@ -117,7 +158,7 @@ def _broadcast_sample(first: list[torch.Tensor] | None, microbatches: int,
     """
     meta: list[Any] = [None]
     if first is not None:
-        meta = [[(tuple(t.shape), t.dtype) for t in split_microbatches(first, microbatches)[0]]]
+        meta = [_chunk_meta(first, microbatches)]
     dist.broadcast_object_list(meta, src=dist.get_global_rank(group, first_rank), group=group)
     return [torch.zeros(shape, dtype=dtype) for shape, dtype in meta[0]]
 

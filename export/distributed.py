@@ -19,6 +19,9 @@ function                  runs                                         returns
                           builds the ("pp", "tp") mesh and its groups
 ========================  ===========================================  =====================
 
+:func:`validate_pipeline` needs no process group: it checks, in one process, what
+``run_pipeline`` would refuse on its ranks (call it before :func:`launch` or ``torchrun``).
+
 FX PP×TP composes the pieces: ``shard(graph, groups.tp_rank,
 group_name=groups.tp_group_name)``, ``split_stages`` of the shard, then ``run_pipeline(...,
 group=groups.pp_group)`` (:func:`run_pp_tp`). ONNX Runtime sessions ask for the CUDA provider
@@ -34,7 +37,7 @@ import logging
 from ._dist_launch import DistributedError, init_from_env, launch
 from ._dist_mesh import MeshGroups, pp_tp_groups, run_pp_tp, run_pp_tp_ort, segment_stages
 from ._dist_ort import rank_session, run_pipeline_ort
-from ._dist_pipeline import SCHEDULES, run_pipeline
+from ._dist_pipeline import SCHEDULES, run_pipeline, validate_pipeline
 from ._dist_tp import STYLES, apply_torch_plan, run_shard, shard_sessions
 
 __all__ = [
@@ -54,6 +57,7 @@ __all__ = [
     "run_shard",
     "segment_stages",
     "shard_sessions",
+    "validate_pipeline",
 ]
 
 logger = logging.getLogger(__name__)

@@ -78,6 +78,32 @@ def capture_dynamic(name: str):
     return model, inputs, gm, symbol
 
 
+def staged(name: str, stages: int):
+    """``(gm, stages, inputs)``: a dynamic-batch capture partitioned by FLOPs, and its stages.
+
+    The pass only annotates, so ``gm`` still computes the single-process reference.
+    """
+    from graphpress.export.stages import split_stages
+    from graphpress.passes.partition import PartitionPipeline
+
+    _, inputs, gm, symbol = capture_dynamic(name)
+    result = PartitionPipeline(stages=stages, dims=(f"{symbol}={inputs[0].shape[0]}",))(gm)
+    assert result.modified
+    return gm, split_stages(gm), inputs
+
+
+def static_staged(stages: int):
+    """``(stages, inputs)``: the MLP captured with its batch of 4 baked in, then split."""
+    from graphpress.export.stages import split_stages
+    from graphpress.graph import capture
+    from graphpress.passes.partition import PartitionPipeline
+
+    model, inputs = mlp()
+    gm = capture(model, inputs)
+    PartitionPipeline(stages=stages)(gm)
+    return split_stages(gm), inputs
+
+
 def onnx_bytes(name: str) -> tuple[bytes, dict]:
     """The model exported to ONNX with a dynamic ``batch`` dim, serialized; and its feed."""
     import onnx_ir as ir

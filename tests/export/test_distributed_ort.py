@@ -1,6 +1,9 @@
 """ONNX Runtime on torch.distributed ranks: a pipeline of per-stage sessions, tensor-parallel
 segments with all-reduce / all-gather between sessions, and PP×TP = 2×2 on 4 ranks through
-``run-distributed`` under torchrun; all equal to one single-process ORT session."""
+``run-distributed`` under torchrun; all equal to one single-process ORT session.
+
+The 2-rank side runs in the launch shared with the other distributed tests
+(``_distributed_checks``)."""
 
 from __future__ import annotations
 
@@ -13,21 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from graphpress.export import session
-from graphpress.export.distributed import (
-    launch,
-    rank_session,
-    run_pipeline_ort,
-    run_shard,
-    shard_sessions,
-)
-from graphpress.export.stages import split_stages
-from graphpress.passes.partition import PartitionPipeline
-from graphpress.passes.partition.shard import shard
-from graphpress.passes.partition.tensor_parallel import ShardTensorParallel
-
 sys.path.insert(0, str(Path(__file__).parent))
-from _distributed_models import TOLERANCE, load_onnx, onnx_bytes  # noqa: E402
+from _distributed_checks import exported as exported_models  # noqa: E402
+from _distributed_checks import two_rank_results
+from _distributed_models import TOLERANCE, load_onnx  # noqa: E402
 
 #: How the tests start the command under torchrun (``graphpress run-distributed`` once the CLI
 #: registers it; the module entry runs the same code).
@@ -37,27 +29,19 @@ ENTRY = ["-m", "graphpress", "run-distributed"]
 @pytest.fixture(scope="module")
 def exported() -> dict:
     """name → (serialized ONNX with a dynamic batch, feed, single-process ORT outputs)."""
-    models = {}
-    for name in ("bert", "llama"):
-        data, feed = onnx_bytes(name)
-        models[name] = (data, feed, session(load_onnx(data), "cpu").run(feed))
-    return models
+    return exported_models()
 
 
-def _pipeline_rank(rank: int, world: int, data: bytes, feed: dict, microbatches: int):
-    model = load_onnx(data)
-    PartitionPipeline(stages=world, dims=(f"batch={len(next(iter(feed.values())))}",))(model)
-    stages = split_stages(model)
-    sess = rank_session(stages[rank].graph, intra_op_threads=1)
-    out = run_pipeline_ort(stages, feed if rank == 0 else None, microbatches=microbatches,
-                           session=sess)
-    return {"outputs": out, "providers": sess.providers, "requested": sess.requested,
-            "crossing": [len(s.inputs) for s in stages[1:]]}
+@pytest.fixture(scope="module")
+def ort_ranks() -> list[dict]:
+    """Per rank: the bert ORT pipeline and the llama ORT tensor-parallel shards (run in the
+    2-rank launch shared with the other distributed tests, see ``_distributed_checks``)."""
+    return [result["ort"] for result in two_rank_results()]
 
 
-def test_ort_pipeline_with_microbatches_equals_one_session(exported):
-    data, feed, reference = exported["bert"]
-    results = launch(_pipeline_rank, 2, data, feed, 2, timeout=90)
+def test_ort_pipeline_with_microbatches_equals_one_session(exported, ort_ranks):
+    reference = exported["bert"][2]
+    results = [r["pipeline"] for r in ort_ranks]
     assert results[0]["outputs"] is None  # outputs land on the last stage's rank
     out = results[1]["outputs"]
     assert len(out) == len(reference) == 2  # last hidden state and pooled output
@@ -70,20 +54,9 @@ def test_ort_pipeline_with_microbatches_equals_one_session(exported):
         assert set(result["providers"]) <= set(result["requested"])
 
 
-def _tensor_parallel_rank(rank: int, world: int, data: bytes, feed: dict):
-    model = load_onnx(data)
-    ShardTensorParallel(world_size=world)(model)
-    part = shard(model, rank)
-    sessions = shard_sessions(part, intra_op_threads=1)
-    out = run_shard(part, feed, sessions=sessions)
-    return {"outputs": out, "segments": len(part.segments),
-            "collectives": [c.kind for c in part.collectives]}
-
-
-def test_ort_tensor_parallel_segments_equal_one_session(exported):
-    data, feed, reference = exported["llama"]
-    results = launch(_tensor_parallel_rank, 2, data, feed, timeout=90)
-    for result in results:  # every rank ends with the full logits
+def test_ort_tensor_parallel_segments_equal_one_session(exported, ort_ranks):
+    reference = exported["llama"][2]
+    for result in (r["tensor_parallel"] for r in ort_ranks):  # every rank ends with the logits
         assert len(result["outputs"]) == 1
         assert np.abs(result["outputs"][0] - reference[0]).max() <= TOLERANCE
         # 2 layers × 2 all-reduces + the vocab-parallel embedding, then the LM head's gather

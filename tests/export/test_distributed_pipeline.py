@@ -1,94 +1,71 @@
 """Pipeline parallel on torch.distributed.pipelining: 2 gloo ranks, GPipe and 1F1B, FX stages
-from partition-pipeline + split_stages, equal to the single-process FX graph."""
+from partition-pipeline + split_stages, equal to the single-process FX graph.
+
+The rank side runs in the 2-rank launch shared with the other distributed tests
+(``_distributed_checks``); the error cases are also checked up front, in this process, with
+``validate_pipeline`` (no ranks needed).
+"""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from graphpress.export.distributed import DistributedError, launch, run_pipeline
-from graphpress.export.stages import split_stages
-from graphpress.passes.partition import PartitionPipeline
+from graphpress.export.distributed import DistributedError, validate_pipeline
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _distributed_models import TOLERANCE, capture_dynamic, leaves, mlp  # noqa: E402
+from _distributed_checks import two_rank_results  # noqa: E402
+from _distributed_models import TOLERANCE, staged, static_staged  # noqa: E402
+
+NOT_SPLIT = "cannot be split into 3 equal microbatches"
+STATIC = "cannot run on a microbatch .*dynamic batch"
 
 
-def _staged(name: str, stages: int):
-    """(gm, stages, inputs): a dynamic-batch capture partitioned by FLOPs, and its stages.
-
-    The pass only annotates, so ``gm`` still computes the single-process reference.
-    """
-    _, inputs, gm, symbol = capture_dynamic(name)
-    result = PartitionPipeline(stages=stages, dims=(f"{symbol}={inputs[0].shape[0]}",))(gm)
-    assert result.modified
-    return gm, split_stages(gm), inputs
-
-
-def _pipeline_rank(rank: int, world: int, name: str, schedules: tuple[str, ...],
-                   microbatches: int) -> dict:
-    gm, stages, inputs = _staged(name, world)
-    assert len(stages) == world
-    with torch.no_grad():
-        reference = leaves(gm(*inputs))
-    errors = {}
-    for schedule in schedules:
-        given = inputs if rank == 0 else None  # only the first stage needs the inputs
-        out = run_pipeline(stages, given, schedule=schedule, microbatches=microbatches)
-        if rank != world - 1:
-            assert out is None
-            continue
-        assert len(out) == len(reference)
-        assert all(o.shape == r.shape for o, r in zip(out, reference))
-        errors[schedule] = max((o - r).abs().max().item() for o, r in zip(out, reference))
-    return {"errors": errors, "crossing": [len(s.inputs) for s in stages[1:]]}
+@pytest.fixture(scope="module")
+def ranks() -> list[dict]:
+    """Per rank: the pipeline checks of ``_distributed_checks._pipeline_checks``."""
+    return [result["pipeline"] for result in two_rank_results()]
 
 
 @pytest.mark.parametrize("name", ["mlp", "llama"])
-def test_gpipe_and_1f1b_equal_the_single_process_graph(name):
-    results = launch(_pipeline_rank, 2, name, ("gpipe", "1f1b"), 2, timeout=90)
-    errors = results[1]["errors"]
-    assert results[0]["errors"] == {}  # rank 0 holds stage 0 and gets no outputs
+def test_gpipe_and_1f1b_equal_the_single_process_graph(ranks, name):
+    errors = ranks[1][name]["errors"]
+    assert ranks[0][name]["errors"] == {}  # rank 0 holds stage 0 and gets no outputs
     assert set(errors) == {"gpipe", "1f1b"}
     assert max(errors.values()) <= TOLERANCE, errors
 
 
-def _bad_microbatch_rank(rank: int, world: int) -> None:
-    gm, stages, inputs = _staged("mlp", world)
-    run_pipeline(stages, inputs, microbatches=3)  # batch 4 does not split into 3
+def test_a_batch_that_does_not_split_is_a_readable_error(ranks):
+    text = ranks[0]["not_split"]
+    assert text is not None and NOT_SPLIT in text  # raised by run_pipeline on its rank
+    gm, stages, inputs = staged("mlp", 2)  # and found up front, without ranks
+    with pytest.raises(DistributedError, match=NOT_SPLIT):
+        validate_pipeline(stages, inputs, microbatches=3)
+    validate_pipeline(stages, inputs, microbatches=2)  # the same stages are fine in halves
 
 
-def test_a_batch_that_does_not_split_is_a_readable_error():
-    with pytest.raises(DistributedError, match="cannot be split into 3 equal microbatches"):
-        launch(_bad_microbatch_rank, 2, timeout=60)
+def test_stage_ranks_put_stage_0_on_rank_1(ranks):
+    assert ranks[1]["swapped"] is None  # rank 1 holds stage 0 now; the outputs land on rank 0
+    assert ranks[0]["swapped"] is not None and ranks[0]["swapped"] <= TOLERANCE
 
 
-def _swapped_rank(rank: int, world: int) -> list[float] | None:
-    gm, stages, inputs = _staged("mlp", world)
-    with torch.no_grad():
-        reference = leaves(gm(*inputs))
-    out = run_pipeline(stages, inputs if rank == 1 else None, stage_ranks=(1, 0))
-    return None if out is None else [(o - r).abs().max().item() for o, r in zip(out, reference)]
+def test_a_static_batch_graph_cannot_be_microbatched(ranks):
+    for result in ranks:  # run_pipeline refuses on every rank
+        assert result["static"] is not None and re.search(STATIC, result["static"])
+    static, inputs = static_staged(2)  # and validate_pipeline refuses in this process
+    with pytest.raises(DistributedError, match=STATIC):
+        validate_pipeline(static, inputs, microbatches=2)
+    validate_pipeline(static, inputs, microbatches=1)  # the whole batch still runs
 
 
-def test_stage_ranks_put_stage_0_on_rank_1():
-    results = launch(_swapped_rank, 2, timeout=60)
-    assert results[1] is None  # rank 1 holds stage 0 now; the outputs land on rank 0
-    assert results[0] is not None and max(results[0]) <= TOLERANCE
-
-
-def _static_rank(rank: int, world: int) -> None:
-    from graphpress.graph import capture
-
-    model, inputs = mlp()
-    gm = capture(model, inputs)  # batch 4 baked into the graph
-    PartitionPipeline(stages=world)(gm)
-    run_pipeline(split_stages(gm), inputs, microbatches=2)
-
-
-def test_a_static_batch_graph_cannot_be_microbatched():
-    with pytest.raises(DistributedError, match="cannot run on a microbatch .*dynamic batch"):
-        launch(_static_rank, 2, timeout=60)
+def test_validate_pipeline_refuses_what_run_pipeline_refuses():
+    gm, stages, inputs = staged("mlp", 2)
+    with pytest.raises(DistributedError, match="unknown schedule"):
+        validate_pipeline(stages, inputs, schedule="zero-bubble")
+    with pytest.raises(DistributedError, match="need a pipeline group of exactly 2 ranks"):
+        validate_pipeline(stages, inputs, world_size=3)
+    with pytest.raises(DistributedError, match="takes 1 inputs"):
+        validate_pipeline(stages, (*inputs, *inputs))

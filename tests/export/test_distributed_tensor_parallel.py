@@ -1,61 +1,37 @@
 """Tensor parallel on 2 gloo ranks: FX shards (functional collectives inside the module) and
-parallelize_module with shard-tensor-parallel's plan, equal to the single-process model."""
+parallelize_module with shard-tensor-parallel's plan, equal to the single-process model; and
+PP×TP = 2×2 on 4 ranks.
+
+The 2-rank side runs in the launch shared with the other distributed tests
+(``_distributed_checks``).
+"""
 
 from __future__ import annotations
 
-import copy
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from graphpress.export.distributed import (
-    DistributedError,
-    apply_torch_plan,
-    launch,
-    run_shard,
-)
-from graphpress.graph import capture
+from graphpress.export.distributed import launch
 from graphpress.passes.partition.shard import shard
-from graphpress.passes.partition.tensor_parallel import (
-    ShardTensorParallel,
-    tensor_parallel_plan,
-    to_torch_plan,
-)
+from graphpress.passes.partition.tensor_parallel import ShardTensorParallel
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _distributed_models import MODELS, TOLERANCE, capture_dynamic, leaves  # noqa: E402
+from _distributed_checks import two_rank_results  # noqa: E402
+from _distributed_models import TOLERANCE, capture_dynamic, leaves  # noqa: E402
 
 
-def _tensor_parallel_rank(rank: int, world: int, name: str) -> dict:
-    model, inputs = MODELS[name]()
-    gm = capture(model, inputs)
-    with torch.no_grad():
-        reference, eager = leaves(gm(*inputs)), leaves(model(*inputs))
-    stats = ShardTensorParallel(world_size=world)(gm).stats
-    part = shard(gm, rank)  # collectives on the default group
-    out = run_shard(part, inputs)
-    reduces = sum("all_reduce" in str(n.target) for n in part.graph.graph.nodes)
-    local = sum(p.numel() for p in part.graph.parameters())
-    # the same split through DTensor: parallelize_module on an eager copy
-    plan = tensor_parallel_plan(gm, world_size=world)
-    sharded = apply_torch_plan(copy.deepcopy(model), to_torch_plan(plan))
-    with torch.no_grad():
-        torch_out = [t.full_tensor() if hasattr(t, "full_tensor") else t
-                     for t in leaves(sharded(*inputs))]
-    return {
-        "shard_error": max((o - r).abs().max().item() for o, r in zip(out, reference)),
-        "torch_error": max((o - r).abs().max().item() for o, r in zip(torch_out, eager)),
-        "outputs": len(out), "expected_outputs": len(reference),
-        "all_reduces": reduces, "stats": stats, "plan": plan,
-        "local_params": local, "params": sum(p.numel() for p in gm.parameters()),
-    }
+@pytest.fixture(scope="module")
+def two_ranks() -> list[dict]:
+    """Per rank: name → the checks of ``_distributed_checks._fx_shard``."""
+    return [result["tensor_parallel"] for result in two_rank_results()]
 
 
 @pytest.mark.parametrize("name", ["mlp", "llama"])
-def test_fx_shard_and_parallelize_module_equal_the_single_process_model(name):
-    results = launch(_tensor_parallel_rank, 2, name, timeout=90)
+def test_fx_shard_and_parallelize_module_equal_the_single_process_model(two_ranks, name):
+    results = [ranks[name] for ranks in two_ranks]
     for result in results:
         assert result["outputs"] == result["expected_outputs"]
         assert result["shard_error"] <= TOLERANCE, result
@@ -73,16 +49,12 @@ def test_fx_shard_and_parallelize_module_equal_the_single_process_model(name):
         assert set(plan.values()) == {"colwise", "rowwise"}
 
 
-def _wrong_rank(rank: int, world: int) -> None:
-    model, inputs = MODELS["mlp"]()
-    gm = capture(model, inputs)
-    ShardTensorParallel(world_size=world)(gm)
-    run_shard(shard(gm, world - 1 - rank), inputs)  # each rank runs the other rank's shard
-
-
-def test_a_shard_for_another_rank_is_refused():
-    with pytest.raises(DistributedError, match="the shard was made for rank"):
-        launch(_wrong_rank, 2, timeout=60)
+def test_a_shard_for_another_rank_is_refused(two_ranks):
+    for rank, ranks in enumerate(two_ranks):  # each rank ran the other rank's MLP shard
+        text = ranks["mlp"]["wrong_shard"]
+        assert text is not None and "the shard was made for rank" in text, text
+        assert f"this rank is rank {rank} of a group of 2" in text
+        assert f"made for rank {1 - rank} of 2" in text
 
 
 def _pp_tp_rank(rank: int, world: int, schedule: str) -> dict:
