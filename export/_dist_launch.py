@@ -106,13 +106,16 @@ def _launch_once(fn: Callable[..., Any], world: int, args: tuple, timeout: float
     module = getattr(fn, "__module__", None)
     origin = (module, getattr(sys.modules.get(module or ""), "__file__", None))
     with tempfile.TemporaryDirectory(prefix="graphpress-dist-") as tmp:
+        # Through a file, not the Process arguments: a spawn child unpickles those only after
+        # importing graphpress, and a large payload would block start() until it has.
+        (Path(tmp) / "payload.pkl").write_bytes(payload)
         procs, readers = [], {}
         try:
             for rank in range(world):
                 reader, writer = ctx.Pipe(duplex=False)
                 proc = ctx.Process(target=_rank_main, name=f"graphpress-rank-{rank}",
-                                   args=(payload, origin, rank, world, port, backend, timeout,
-                                         writer, tmp), daemon=True)
+                                   args=(origin, rank, world, port, backend, timeout, writer,
+                                         tmp), daemon=True)
                 proc.start()
                 writer.close()  # the parent keeps only the reading end: EOF = the rank died
                 procs.append(proc)
@@ -164,8 +167,8 @@ def _collect(procs: list, readers: dict, timeout: float, tmp: Path) -> list[Any]
     return [results[r] for r in range(world)]
 
 
-def _rank_main(payload: bytes, origin: tuple[str | None, str | None], rank: int, world: int,
-               port: int, backend: str, timeout: float, writer: Any, tmp: str) -> None:
+def _rank_main(origin: tuple[str | None, str | None], rank: int, world: int, port: int,
+               backend: str, timeout: float, writer: Any, tmp: str) -> None:
     """Body of one spawned rank: set up, run ``fn``, tear down, answer (never raises)."""
     stack_file = open(Path(tmp) / f"rank{rank}.stack", "w")  # noqa: SIM115 (lives until exit)
     if hasattr(signal, "SIGUSR1"):
@@ -178,7 +181,7 @@ def _rank_main(payload: bytes, origin: tuple[str | None, str | None], rank: int,
 
         torch.set_num_threads(1)
         _import_origin(*origin)
-        fn, args = pickle.loads(payload)
+        fn, args = pickle.loads((Path(tmp) / "payload.pkl").read_bytes())
         dist.init_process_group(backend, rank=rank, world_size=world,
                                 timeout=timedelta(seconds=max(timeout, 1.0)))
         writer.send_bytes(pickle.dumps(("ok", fn(rank, world, *args))))

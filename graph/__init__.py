@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .analysis import Measure, measure, op_name, to_networkx
 from .capture import capture
-from .channels import ChannelGroup, ChannelUse, channel_groups
+from .channels import ChannelGroup, ChannelUse, LinearWeight, channel_groups, linear_weights
 from .costs import CostTable, NodeCost, ValueInfo, node_costs, peak_live_bytes
 from .errors import (
     CaptureError,
@@ -32,7 +32,7 @@ from .printing import GraphDiff, NodeChange, Summary, diff, format, summary
 from .verify import verify
 
 __all__ = [
-    "ChannelGroup", "ChannelUse", "channel_groups",
+    "ChannelGroup", "ChannelUse", "LinearWeight", "channel_groups", "linear_weights",
     "CostTable", "NodeCost", "ValueInfo", "node_costs", "peak_live_bytes",
     "MemoryEstimate", "MemoryReport", "estimate_memory", "kv_cache_bytes", "memory_report",
     "Graph",

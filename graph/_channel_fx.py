@@ -2,7 +2,8 @@
 
 Only reads: op names, argument positions, ``node.meta["val"]`` shapes and ``get_attr`` tensor
 shapes. A ``t``/``permute``/``transpose`` of a ``get_attr`` is looked through (its consumers
-see a :class:`Const` with a permutation and the transpose node as reader).
+see a :class:`Const` with a permutation and the transpose node as reader); quantized weights
+and activation fake-quantization are normalised by :mod:`._channel_fx_quant`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch
 from torch import fx
 from torch.utils._pytree import tree_leaves
 
+from ._channel_fx_quant import DEQUANTIZE, fx_dequantized, fx_quant_op, nbits_chain
 from ._channel_view import Const, Entry, Op, View
 from .analysis import op_name
 from .fx import get_tensor
@@ -73,6 +75,11 @@ class _Builder:
     def const(self, node: fx.Node, reader: str) -> Const | None:
         """The constant ``node`` reads, if it is a ``get_attr`` or a transpose of one."""
         perm: tuple[int, ...] | None = None
+        if node.op == "call_function" and op_name(node) in DEQUANTIZE:
+            return fx_dequantized(self.gm, node, op_name(node))
+        chain = nbits_chain(self.gm, node) if node.op == "call_function" else None
+        if chain is not None:
+            return Const(chain.codes.target, reader, (chain.n, chain.k), (0, 1), (), "nbits")
         if node.op == "call_function" and op_name(node) in _TRANSPOSES and isinstance(
                 node.args[0], fx.Node) and node.args[0].op == "get_attr":
             perm, reader, node = _perm(node), node.name, node.args[0]
@@ -99,11 +106,14 @@ class _Builder:
 
 
 def _swap(c: Const) -> Const:
-    return Const(c.tensor, c.reader, c.shape[::-1], c.perm[::-1])
+    return c.reversed()
 
 
 def _convert(b: _Builder, node: fx.Node, name: str) -> tuple[str, list, dict]:  # noqa: C901
     n, i = node.name, b.inp
+    quantized = fx_quant_op(node, name, [i(a, n) for a in node.args[:1]])
+    if quantized is not None:
+        return quantized
     if name in _UNARY:
         return "unary", [i(node.args[0], n)], {}
     if name in _BINARY:
@@ -203,6 +213,8 @@ def fx_view(gm: fx.GraphModule) -> View:
             if name in _TRANSPOSES and isinstance(node.args[0], fx.Node) and (
                     node.args[0].op == "get_attr"):
                 continue  # looked through by its consumers
+            if name in DEQUANTIZE and fx_dequantized(gm, node, name) is not None:
+                continue  # so is the dequantization of a constant
             val = node.meta.get("val")
             if name == "getitem" and node.args[0].name in multi:
                 key = f"{node.args[0].name}#{node.args[1]}"
@@ -216,9 +228,13 @@ def fx_view(gm: fx.GraphModule) -> View:
                 for key, item in zip(outs, val):
                     b.shapes[key] = _shape(item)
             else:
-                outs = [node.name] if isinstance(val, torch.Tensor) else []
+                # an element-wise op without an example value (quantization passes add
+                # fake-quant nodes without one) still has an output: its shape follows
+                elementwise = val is None and kind == "unary"
+                outs = [node.name] if isinstance(val, torch.Tensor) or elementwise else []
                 b.shapes[node.name] = _shape(val)
-            if kind not in ("ignore", "shape") and not outs and not isinstance(val, torch.Tensor):
+            if kind not in ("ignore", "shape", "range") and not outs and (
+                    not isinstance(val, torch.Tensor)):
                 kind = "ignore" if val is None or isinstance(val, (int, float, bool)) else kind
             ops.append(Op(node.name, kind, ins, outs, attrs, name))
         elif node.op in ("call_module", "call_method"):

@@ -12,6 +12,10 @@
    flat space whose expansion into leaves leads with ``G`` (unit = the rest of the flat
    space; attention heads) or holds it further in (only ``"shape"`` uses may sit there: a
    reshape entry that counts ``G`` scales with it).
+5. Each use keeps its own unit (the channels one unit of ``G`` spans in it: ``D`` for a head,
+   ``n_rep·D`` for the query heads sharing one kv head). A group lists its hard *blockers*
+   (nothing may be sliced) apart from the reasons that only stop pruning: uses that disagree
+   on the unit (grouped-query attention) and the soft reasons of :mod:`._channel_rules`.
 """
 
 from __future__ import annotations
@@ -110,7 +114,8 @@ def _refine(r: Relations, uf: _UF, flat, shapes, facs, blocks) -> bool:
 
 
 def assemble(view, r: Relations) -> list[tuple]:
-    """Groups as ``(name, kind, size, unit, uses, prunable, reason)`` tuples."""
+    """Groups as ``(name, kind, size, unit, uses, prunable, reason, units, blockers)`` tuples;
+    a use is ``(node, tensor, axis, role, offset, unit)``."""
     uf = _UF()
     for a, b in r.unions:
         uf.union(a, b)
@@ -121,33 +126,42 @@ def assemble(view, r: Relations) -> list[tuple]:
         own_uses[uf.find(u[0])].append(u[1:])
     for s, reason in blocks:
         own_blocks[uf.find(s)].append(reason)
+    own_soft = defaultdict(list)
+    for s, reason in r.soft:
+        own_soft[uf.find(s)].append(reason)
     residual = {uf.find(s) for s in r.residual}
     wholes = defaultdict(list)
     for whole, ps in parts.items():
         for p, start in ps:
             wholes[p].append((whole, start))
-    return _groups(r, uf, parts, facs, wholes, own_uses, own_blocks, residual)
+    return _groups(r, uf, parts, facs, wholes, own_uses, (own_blocks, own_soft), residual)
 
 
-def _groups(r, uf, parts, facs, wholes, own_uses, own_blocks, residual) -> list[tuple]:
+_COUNTED = ("shape", "stat", "range")  # markers and entries: no slice, no unit, no stride
+
+
+def _groups(r, uf, parts, facs, wholes, own_uses, own, residual) -> list[tuple]:
+    own_blocks, own_soft = own
     memo: dict = {}
 
     def effective(s, stack=()):
-        """Uses and blocks of ``s`` and of every whole it is a part of (offsets added)."""
+        """Uses, blocks and soft reasons of ``s`` and of every whole it is a part of (offsets
+        added)."""
         if s in memo:
             return memo[s]
-        uses, reasons = list(own_uses[s]), list(own_blocks[s])
+        uses, reasons, soft = list(own_uses[s]), list(own_blocks[s]), list(own_soft[s])
         for whole, start in wholes[s]:
             if whole in stack:
                 continue
-            wu, wb = effective(whole, (*stack, s))
+            wu, wb, ws = effective(whole, (*stack, s))
             reasons += wb
+            soft += ws
             for node, tensor, axis, role, offset, typ in wu:
                 if role == "shape":  # an entry counting the whole cannot scale with one part
                     reasons.append(f"a reshape entry of {node} counts the concatenated channels")
                 else:
                     uses.append((node, tensor, axis, role, offset + start, typ))
-        memo[s] = (uses, reasons)
+        memo[s] = (uses, reasons, soft)
         return memo[s]
 
     def expand(s, stack=()):
@@ -170,27 +184,30 @@ def _groups(r, uf, parts, facs, wholes, own_uses, own_blocks, residual) -> list[
     for g in keys:
         items = [(g, 1, 0)] + [(f, r.sizes[f] // r.sizes[g] if f in r.sizes else 0, p)
                                for f, p in members[g]]  # 0: a flat axis of symbolic size
-        uses, reasons, units = [], [], {}
+        uses, reasons, soft, units = [], [], [], {}
         for s, unit, pos in items:
-            eu, eb = effective(s)
+            eu, eb, es = effective(s)
             reasons += eb
+            soft += es
             for node, tensor, axis, role, offset, typ in eu:
-                counted = role in ("shape", "stat")  # not a slice: no unit, no stride
+                counted = role in _COUNTED
                 if not counted and (pos > 0 or not unit):
                     reasons.append(f"{node} reads these channels strided inside a larger axis")
                     continue
                 if not counted:
                     units.setdefault(unit, node)
                 uses.append((order.get(node, len(order)), node, tensor, axis, role, offset, typ,
-                             unit))
+                             0 if counted else unit))
         outs = sorted(u for u in uses if u[4] == "out")
         if not outs:
             continue
         unit = outs[0][7]
         producers = {u[6] for u in outs}
         split = any(n > 1 for n in units) and "conv" not in producers
+        blockers = tuple(dict.fromkeys(reasons))
         if len(units) > 1:
             reasons.append(_unit_reason(units, split))
+        reasons += soft
         if split and not any(u[7] == 1 for u in outs):
             kind = "heads"
         elif g in residual:
@@ -202,19 +219,21 @@ def _groups(r, uf, parts, facs, wholes, own_uses, own_blocks, residual) -> list[
         else:
             kind = "linear"
         reason = "; ".join(dict.fromkeys(reasons))
-        listed = tuple(dict.fromkeys(u[1:6] for u in sorted(uses, key=lambda u: u[:6])))
+        listed: dict = {}
+        for u in sorted(uses, key=lambda u: u[:6]):
+            listed.setdefault(u[1:6], u[1:6] + (u[7],))
         size = r.sizes[g] * unit  # the first producer's channel count
-        found.append((outs[0][0], outs[0][1], kind, size, unit if len(units) < 2 else 1, listed,
-                      not reasons, reason))
+        found.append((outs[0][0], outs[0][1], kind, size, unit if len(units) < 2 else 1,
+                      tuple(listed.values()), not reasons, reason, r.sizes[g], blockers))
     found.sort(key=lambda f: (f[0], f[1], f[3]))
     groups, taken = [], set()
-    for _, node, kind, size, unit, listed, prunable, reason in found:
+    for _, node, kind, size, unit, listed, prunable, reason, count, blockers in found:
         name = f"{node}:{'heads' if kind == 'heads' else 'out'}"
         base, k = name, 1
         while name in taken:
             name, k = f"{base}#{k}", k + 1
         taken.add(name)
-        groups.append((name, kind, size, unit, listed, prunable, reason))
+        groups.append((name, kind, size, unit, listed, prunable, reason, count, blockers))
     return groups
 
 

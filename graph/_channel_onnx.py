@@ -2,13 +2,15 @@
 
 Only reads: op types, attributes, value shapes, constant shapes and small integer constants
 (reshape targets, split sizes, slice bounds, axes). Initializers that are not graph inputs and
-``Constant`` outputs are constants; a ``Transpose`` of a constant is looked through.
+``Constant`` outputs are constants; a ``Transpose`` of a constant is looked through, and so is
+the ``DequantizeLinear`` of one; quantized layers are normalised by :mod:`._channel_onnx_quant`.
 """
 
 from __future__ import annotations
 
 import onnx_ir as ir
 
+from ._channel_onnx_quant import dequantized, quant_op
 from ._channel_onnx_read import (
     array_of,
     dims_of,
@@ -42,9 +44,16 @@ def _axes(node: ir.Node, index: int) -> list[int] | None:
     return None if attr is None else list(attr)
 
 
+def _input(value: ir.Value | None, reader: str, names: dict[int, str]):
+    return dequantized(value, names) or input_of(value, reader, names)
+
+
 def _convert(node: ir.Node, names: dict[int, str]) -> tuple[str, list, dict]:  # noqa: C901
     t, a, me = node.op_type, node.attributes, names[id(node)]
-    ins = [input_of(v, me, names) for v in node.inputs]
+    ins = [_input(v, me, names) for v in node.inputs]
+    quantized = quant_op(node, ins, me)
+    if quantized is not None:
+        return quantized
     if node.domain not in ("", "ai.onnx"):
         return "other", ins, {}
     if t in _UNARY:
@@ -56,7 +65,7 @@ def _convert(node: ir.Node, names: dict[int, str]) -> tuple[str, list, dict]:  #
         if isinstance(x, str) and isinstance(w, Const) and len(w.shape) == 2 and (
                 a.get_float("alpha", 1.0) == 1.0 and a.get_float("beta", 1.0) == 1.0):
             nk = t == "Gemm" and a.get_int("transB", 0)
-            w = w if nk else Const(w.tensor, w.reader, w.shape[::-1], w.perm[::-1])
+            w = w if nk else w.reversed()
             return "linear", [x, w, ins[2] if len(ins) > 2 else None], {}
         if t == "MatMul" and isinstance(x, str) and isinstance(w, str):
             return "matmul", ins, {}
@@ -162,6 +171,8 @@ def onnx_view(model: ir.Model) -> View:
             continue
         if node.op_type == "Transpose" and through_transpose(node.outputs[0]) is not None:
             continue  # looked through by its consumers
+        if node.op_type == "DequantizeLinear" and dequantized(node.outputs[0], names):
+            continue  # so is the dequantization of a constant
         kind, ins, attrs = _convert(node, names)
         outer = _outer_values(node)
         if outer:  # a subgraph reads these from the main graph: no rule can follow them

@@ -5,7 +5,8 @@ Concat and split place parts at offsets of a whole (split sizes are ``"shape"`` 
 parts); a slice that is not the full range blocks the whole (its constant bounds would have
 to move with every pruned channel before it). Indexing, reductions and softmax over an axis
 block it, except a ``keepdim`` mean: the statistic of a norm (RMSNorm), which keeps shapes
-consistent like LayerNorm does.
+consistent like LayerNorm does, and a whole-tensor min/max (a ``"range"`` op: dynamic
+quantization's run-time range), which marks every axis with a ``"range"`` use instead.
 """
 
 from __future__ import annotations
@@ -254,6 +255,13 @@ def _reduce(r: Relations, op: Op) -> None:
         j += 1
 
 
+def _range(r: Relations, op: Op) -> None:
+    """A full min/max reduction to a scalar (FX ``aten.min(x)``, ONNX ``ReduceMin`` over all
+    axes): every axis of the input gets a ``"range"`` marker instead of a block."""
+    if op.ins and isinstance(op.ins[0], str):
+        r.range_use(op.ins[0], op)
+
+
 def _softmax(r: Relations, op: Op) -> None:
     src = r.spaces(op.ins[0])
     _norm(r, Op(op.name, op.type, op.ins[:1], op.outs[:1], {}, op.source), [])
@@ -264,4 +272,4 @@ def _softmax(r: Relations, op: Op) -> None:
 MORE_RULES = {"concat": _concat, "split": _split, "slice": _slice, "select": _select,
               "gather": _gather, "embedding": _embedding, "layernorm": _layernorm,
               "batchnorm": _batchnorm, "groupnorm": _groupnorm, "conv": _conv, "pool": _pool,
-              "reduce": _reduce, "softmax": _softmax}
+              "reduce": _reduce, "range": _range, "softmax": _softmax}

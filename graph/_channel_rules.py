@@ -6,6 +6,11 @@ the constants it reads along a space (uses), or blocks the spaces it cannot map 
 without a rule, a reduction or indexing over the axis, a graph input/output). Spaces of size 1
 are broadcast and never related. Outputs computed only from constants are blocked on every
 axis along which the op does not read a constant itself (an embedding table is a producer).
+
+Some facts stop pruning but not a split of the channels (*soft* reasons, kept apart from the
+blocks): a use of quantized weights (pruning scores float weights; prune before quantizing) and
+a ``"range"`` use, the min/max that dynamic activation quantization takes over a whole tensor at
+run time (a split must combine the ranks' ranges; removing channels changes it).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ class Relations:
         self.unions: list[tuple[Space, Space]] = []
         self.uses: list[tuple] = []  # (space, node, tensor, axis, role, offset, op type)
         self.blocks: list[tuple[Space, str]] = []
+        self.soft: list[tuple[Space, str]] = []  # reasons that stop pruning, not splitting
         self.segs: list[tuple[Space, Space, int]] = []  # (whole, part, start)
         self.facs: list[tuple[Space, list[Space]]] = []  # flat = f0 ⊗ f1 ⊗ ... (row-major)
         self.residual: set[Space] = set()
@@ -74,8 +80,24 @@ class Relations:
     def use(self, s: Space | None, c: Const, axis: int, role: str, op: Op, kind: str = "") -> None:
         size = self.size(s)
         if size is not None and size > 1 and c.shape[axis] == size:
-            self.uses.append((s, c.reader, c.tensor, c.stored_axis(axis), role, 0,
-                              kind or op.type))
+            kind = kind or op.type
+            self.uses.append((s, c.reader, c.tensor, c.stored_axis(axis), role, 0, kind))
+            axis %= len(c.shape)
+            for comp in c.companions:  # per-channel scales/zero points of quantized codes
+                if comp.axis == axis:
+                    self.uses.append((s, comp.reader, comp.tensor, comp.stored, role, 0, kind))
+            if c.storage:
+                self.soft.append((s, f"{c.reader} reads quantized weights {c.tensor!r} "
+                                     "(prune before quantizing)"))
+
+    def range_use(self, key, op: Op) -> None:
+        """``op`` takes the min/max over every element of ``key`` at run time (the range of
+        dynamic activation quantization): a ``"range"`` marker on each of its axes."""
+        for axis, s in enumerate(self.spaces(key) or ()):
+            if (self.size(s) or 0) > 1:
+                self.uses.append((s, op.name, "", axis, "range", 0, op.type))
+                self.soft.append((s, f"{op.name} takes the min/max over these channels at run "
+                                     "time (dynamic quantization)"))
 
     def shape_use(self, s: Space | None, entry, op: Op) -> None:
         size = self.size(s)
@@ -171,6 +193,8 @@ def _linear(r: Relations, op: Op) -> None:
         r.union(a, c)
     r.use(dst[-1], w, 0, "out", op)
     r.use(src[-1], w, 1, "in", op)
+    if op.attrs.get("range"):  # DynamicQuantizeMatMul quantizes x by its run-time range
+        r.range_use(x, op)
     if isinstance(b, Const):
         r.use(dst[-1], b, len(b.shape) - 1, "out", op)
     elif isinstance(b, str):

@@ -1,11 +1,13 @@
 """What tensor-parallel planning reads from a graph, for FX and ONNX alike.
 
-:class:`GraphReader` answers a few questions by node name: the linear layers
-(:func:`passes._linears.find_linears`), the stored shape of a constant a node reads, the head
-count a projection is split into (the first reshape after it that splits its ``window``
-output channels into ``[..., heads, head_dim]``), a reshape entry a ``"shape"`` use names,
-the PyTorch module a node belongs to (FX ``nn_module_stack``; ONNX the exporter's
-``namespace``; else the weight's dotted name) and the order of the nodes.
+:class:`GraphReader` answers a few questions by node name: the float linear layers
+(:func:`passes._linears.find_linears`, for the vocabulary sites), the linear layer a channel
+use's constant is the weight (or a per-channel scale/zero point) of, quantized ones included
+(:func:`graphpress.graph.channels.linear_weights`), the stored shape of a constant a node reads,
+the block size of a ``MatMulNBits``/``quantize-weights`` layer, which run-time range a
+``"range"`` use's node takes, a reshape entry a ``"shape"`` use names, the PyTorch module a
+node belongs to (FX ``nn_module_stack``; ONNX the exporter's ``namespace``; else the weight's
+dotted name) and the order of the nodes.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from torch import fx
 
 from graphpress.graph.analysis import op_name
+from graphpress.graph.channels import LinearWeight, linear_weights, nbits_chain, nbits_operands
 from graphpress.graph.fx import get_tensor
 from graphpress.graph.kind import kind
 
@@ -28,10 +31,8 @@ __all__ = ["GraphReader"]
 
 logger = logging.getLogger(__name__)
 
-_FX_RESHAPES = {"aten.view", "aten.reshape", "aten._unsafe_view"}
 _FX_THROUGH = {"aten.add", "aten.t", "aten.permute", "aten.transpose", "aten.clone",
                "aten.contiguous", "aten._to_copy", "aten.to", "aten.alias"}
-_ONNX_THROUGH = {"Add", "Transpose", "Identity", "Cast"}
 _PARAM_SUFFIXES = (".weight", ".bias")
 
 
@@ -50,6 +51,64 @@ class GraphReader:
             for node in graph.graph:
                 self.nodes.setdefault(_name(node), node)
         self.order = {name: i for i, name in enumerate(self.nodes)}
+        self.layers: dict[str, LinearWeight] = {}
+        self._weights: dict[tuple[str, str], LinearWeight] = {}
+        for weight in linear_weights(graph):
+            self.layers.setdefault(weight.layer, weight)
+            for key in ((weight.reader, weight.tensor), *weight.companions):
+                self._weights.setdefault(key, weight)
+
+    # layers ------------------------------------------------------------------------------
+    def layer_of(self, node_name: str, tensor: str) -> LinearWeight | None:
+        """The linear layer whose weight (or per-channel scale/zero point) is ``tensor`` as
+        ``node_name`` reads it."""
+        return self._weights.get((node_name, tensor))
+
+    def is_weight(self, node_name: str, tensor: str) -> bool:
+        """Whether ``tensor`` read by ``node_name`` is a linear layer's weight itself."""
+        found = self.layer_of(node_name, tensor)
+        return found is not None and (found.reader, found.tensor) == (node_name, tensor)
+
+    def block_size(self, layer: str) -> int:
+        """Input channels per quantization block of a block-quantized layer (1 otherwise)."""
+        weight, node = self.layers.get(layer), self.nodes.get(layer)
+        if weight is None or weight.storage != "nbits" or node is None:
+            return 1
+        if self.kind == "onnx":
+            found = nbits_operands(node)
+            return found.block if found is not None else 1
+        for arg in node.all_input_nodes:
+            chain = nbits_chain(self.graph, arg)
+            if chain is not None:
+                return chain.block
+        return 1
+
+    def packed_parts(self, layer: str) -> list[str]:
+        """The scales and zero points of a block-quantized layer (sliced with its codes)."""
+        weight, node = self.layers.get(layer), self.nodes.get(layer)
+        if weight is None or weight.storage != "nbits" or node is None:
+            return []
+        if self.kind == "onnx":
+            found = nbits_operands(node)
+            parts = [] if found is None else [found.scales, found.zero_points]
+            return [v.name for v in parts if v is not None]
+        for arg in node.all_input_nodes:
+            chain = nbits_chain(self.graph, arg)
+            if chain is not None:
+                return [n.target for n in (chain.scales, chain.zero_points) if n is not None]
+        return []
+
+    def range_of(self, node_name: str) -> str | None:
+        """``"min"``/``"max"`` for a node that reduces a whole tensor to its min/max,
+        ``"dynamic_matmul"`` for ``DynamicQuantizeMatMul`` (its range is internal), else
+        ``None``."""
+        node = self.nodes.get(node_name)
+        if node is None:
+            return None
+        name = op_name(node).split("::")[-1]
+        if name in ("aten.min", "aten.max", "ReduceMin", "ReduceMax"):
+            return "min" if name.endswith(("min", "Min")) else "max"
+        return "dynamic_matmul" if name == "DynamicQuantizeMatMul" else None
 
     # constants ---------------------------------------------------------------------------
     def const_shape(self, node_name: str, tensor: str) -> tuple[int, ...] | None:
@@ -58,6 +117,8 @@ class GraphReader:
         node = self.nodes.get(node_name)
         if node is None or not tensor:
             return None
+        if self.is_weight(node_name, tensor):  # the logical [N, K] of packed codes
+            return self.layer_of(node_name, tensor).shape
         if self.kind == "fx":
             stack, seen = [node], 0
             while stack and seen < 8:
@@ -103,24 +164,6 @@ class GraphReader:
         return None
 
     # structure ---------------------------------------------------------------------------
-    def head_count(self, node_name: str, window: int) -> int | None:
-        """Heads of the first reshape after ``node_name`` that splits ``window`` channels
-        (the last axis) into ``[..., heads, head_dim]``."""
-        start = self.nodes.get(node_name)
-        frontier, seen = [start], 0
-        while frontier and seen < 16:
-            current, seen = frontier.pop(0), seen + 1
-            for user in self._users(current):
-                name = op_name(user)
-                shape = self._out_shape(user)
-                if name in _FX_RESHAPES | {"Reshape"} and shape is not None and len(shape) >= 2:
-                    heads, dim = shape[-2], shape[-1]
-                    if isinstance(heads, int) and isinstance(dim, int) and heads * dim == window:
-                        return heads
-                if name in _FX_THROUGH | _ONNX_THROUGH:
-                    frontier.append(user)
-        return None
-
     def users(self, node_name: str) -> list[str]:
         return [_name(u) for u in self._users(self.nodes[node_name])]
 
@@ -155,6 +198,24 @@ class GraphReader:
             if found:
                 return found
         return _weight_module(weight, self._folded_from(node_name, weight))
+
+    def upstream_module(self, node_name: str, limit: int = 32) -> str | None:
+        """The module of the nearest node upstream of ``node_name`` that names one (nodes made
+        by quantization passes carry no exporter namespace; their inputs do)."""
+        frontier, seen = [self.nodes.get(node_name)], 0
+        while frontier and seen < limit:
+            node, seen = frontier.pop(0), seen + 1
+            if node is None:
+                continue
+            if seen > 1:
+                found = self.module_of(_name(node))
+                if found:
+                    return found
+            if isinstance(node, fx.Node):
+                frontier.extend(node.all_input_nodes)
+            else:
+                frontier.extend(v.producer() for v in node.inputs if v is not None)
+        return None
 
     def _folded_from(self, node_name: str, tensor: str) -> str:
         if self.kind != "onnx" or not tensor:

@@ -7,18 +7,22 @@ pair: the producers are **column-parallel** (rank ``r`` computes units
 per-channel so it runs on the local units, and the consumers are **row-parallel** (they read
 only the local units, so each rank's output is a partial sum; ONE all-reduce per consumer
 restores it). FFN groups have ``unit = 1`` (SwiGLU's gate and up are one group); attention
-groups have ``unit = head_dim``. Grouped-query attention: ``channel_groups`` keys the group by
-the kv-head axis but cannot give it one unit (a query unit is ``n_rep·head_dim``, a key/value
-unit ``head_dim``), so it is reported unprunable; here every use gets its own *window* (the
-channels it holds, ``unit_u · U``) and ``U`` is the kv-head count read from the reshape after a
-key/value projection. Sharding keeps the same contiguous ``1/W`` of every window, which is
-whole kv heads together with their query heads.
+groups have ``unit = head_dim``. Every use holds a *window* of ``U · use.unit`` channels
+(``ChannelGroup.units``, ``ChannelUse.unit``); under grouped-query attention (a ``"heads"``
+group whose uses disagree on the unit: ``n_rep·head_dim`` for queries, ``head_dim`` for keys
+and values) ``U`` is the kv-head count, and sharding keeps the same contiguous ``1/W`` of every
+window: whole kv heads together with their query heads.
 
-A group stays **replicated** (with a reason) when ``U`` is not divisible by ``W``, a use is
-not a linear weight/bias/per-channel constant (a norm or statistic across the channels, a
-non-linear producer), a consumer reads other channels besides the group's, a reshape entry
-does not divide by ``W``, or a node would be row-parallel for one group and column-parallel
-for another (chained groups: the larger group, by parameters, wins).
+Quantized layers pair the same way (the channel analysis sees through them): their scales and
+zero points are uses of their own, a block-quantized row-parallel weight needs every rank's
+``K`` slice to be whole blocks, and a ``"range"`` use (dynamic quantization's run-time min/max
+over the channels) becomes a min/max combination of the ranks' ranges.
+
+A group stays **replicated** (with a reason) when ``U`` is not divisible by ``W``, the channel
+analysis found blockers, a use is not a linear weight/bias/per-channel constant (a norm or
+statistic across the channels, a non-linear producer), a consumer reads other channels besides
+the group's, a reshape entry does not divide by ``W``, or a node would be row-parallel for one
+group and column-parallel for another (chained groups: the larger group, by parameters, wins).
 """
 
 from __future__ import annotations
@@ -34,8 +38,7 @@ __all__ = ["TpUse", "TpGroup", "plan_groups"]
 
 logger = logging.getLogger(__name__)
 
-_GQA = "grouped-query attention"  # channel_groups' reason for a GQA group (its only one)
-_GQA_TAIL = "one group unit cannot express both"
+_MARKERS = ("shape", "stat", "range")  # entries and markers: no slice of their own
 
 
 @dataclass(frozen=True)
@@ -79,9 +82,8 @@ class TpGroup:
 def plan_groups(graph, world_size: int, reader: GraphReader | None = None) -> list[TpGroup]:
     """Every FFN/attention group of ``graph``, sharded over ``world_size`` ranks or not."""
     reader = reader or GraphReader(graph)
-    found = [_candidate(reader, g, world_size) for g in channel_groups(graph)
-             if g.kind in ("ffn", "heads")]
-    groups = [g for g in found if g is not None]
+    groups = [_candidate(reader, g, world_size) for g in channel_groups(graph)
+              if g.kind in ("ffn", "heads")]
     taken_rows: dict[str, str] = {}
     taken_cols: dict[str, str] = {}
     chosen: dict[str, TpGroup] = {}
@@ -107,64 +109,59 @@ def _replicated(group: TpGroup, reason: str) -> TpGroup:
                    group.params, False, reason)
 
 
-def _candidate(reader: GraphReader, group: ChannelGroup, world: int) -> TpGroup | None:
-    parts = [p for p in group.reason.split("; ") if p != _GQA_TAIL]
-    gqa = not group.prunable and group.kind == "heads" and all(_GQA in p for p in parts)
-    uses, problems = [], []
-    for use in group.uses:
-        shape = reader.const_shape(use.node, use.tensor)
-        if use.role in ("shape", "stat"):
-            window = group.size
-        elif gqa:
-            window = shape[use.axis] if shape is not None and use.offset == 0 else 0
-        else:
-            window = group.size
-        uses.append(TpUse(use.node, use.tensor, use.axis, use.role, use.offset, window))
-    columns = tuple(dict.fromkeys(u.node for u in uses if u.role == "out" and u.node in
-                                  reader.linears and _is_weight(reader, u)))
-    rows = tuple(dict.fromkeys(u.node for u in uses if u.role == "in"))
-    units = _units(reader, group, uses, columns) if gqa else group.size // max(group.unit, 1)
+def _candidate(reader: GraphReader, group: ChannelGroup, world: int) -> TpGroup:
+    units = group.units or group.size // max(group.unit, 1)
+    unit_sizes = {u.unit for u in group.uses if u.role not in _MARKERS}
+    uses = tuple(TpUse(u.node, u.tensor, u.axis, u.role, u.offset,
+                       group.size if u.role in _MARKERS else u.unit * units) for u in group.uses)
+    columns = tuple(dict.fromkeys(reader.layer_of(u.node, u.tensor).layer for u in uses
+                                  if u.role == "out" and reader.layer_of(u.node, u.tensor)))
+    rows = tuple(dict.fromkeys(reader.layer_of(u.node, u.tensor).layer for u in uses
+                               if u.role == "in" and reader.layer_of(u.node, u.tensor)))
     params = sum(u.window * _other(reader.const_shape(u.node, u.tensor), u.axis)
                  for u in uses if u.role in ("out", "in", "act") and u.tensor)
-    tp = TpGroup(group.name, group.kind, units or 0, tuple(uses), columns, rows, params, True)
-    if not group.prunable and not gqa:
-        problems.append(group.reason)
-    if not units:
-        problems.append("the kv-head count of this grouped-query attention was not found")
-    elif units % world:
+    tp = TpGroup(group.name, group.kind, units, uses, columns, rows, params, True)
+    problems = list(group.blockers)
+    if len(unit_sizes) > 1 and group.kind != "heads":
+        problems.append(f"its uses read {sorted(unit_sizes)} channels per unit")
+    if units % world:
         problems.append(f"{units} units do not divide by world_size={world}")
-    problems += _use_problems(reader, uses, columns, units or 1, world)
+    problems += _use_problems(reader, uses, units, world)
     if not columns or not rows:
         problems.append("no linear producer or no linear consumer")
-    return _replicated(tp, "; ".join(problems)) if problems else tp
+    return _replicated(tp, "; ".join(dict.fromkeys(problems))) if problems else tp
 
 
-def _use_problems(reader: GraphReader, uses, columns, units: int, world: int) -> list[str]:
+def _use_problems(reader: GraphReader, uses, units: int, world: int) -> list[str]:
     problems = []
     for u in uses:
         shape = reader.const_shape(u.node, u.tensor)
+        layer = reader.layer_of(u.node, u.tensor)
         if u.role in ("norm", "stat"):
             problems.append(f"{u.node} normalises or reduces across the channels")
+        elif u.role == "range":
+            if reader.range_of(u.node) is None:
+                problems.append(f"{u.node} takes a run-time range over the channels that "
+                                "cannot be combined over the ranks")
         elif u.role == "shape":
             entry = reader.shape_entry(u)
             if entry not in (None, -1, 0) and entry % world:
                 problems.append(f"reshape entry {entry} of {u.node} does not divide by {world}")
         elif u.window <= 0 or u.window % units:
             problems.append(f"{u.node} reads the channels in a layout that is not one window")
-        elif u.role == "out" and shape is not None and len(shape) >= 2 and u.node not in columns:
+        elif u.role == "out" and shape is not None and len(shape) >= 2 and layer is None:
             problems.append(f"producer {u.node} is not a linear layer")
         elif u.role == "in":
-            site = reader.linears.get(u.node)
             k = None if shape is None else shape[u.axis]
-            if site is None or site.name != u.tensor:
+            block = reader.block_size(layer.layer) if layer is not None else 1
+            if layer is None:
                 problems.append(f"consumer {u.node} is not a linear layer reading this weight")
             elif u.offset != 0 or k != u.window:
                 problems.append(f"consumer {u.node} reads other channels besides this group")
+            elif (u.window // world) % block:
+                problems.append(f"{layer.layer} is quantized in blocks of {block} input "
+                                f"channels; a rank's {u.window // world} are not whole blocks")
     return problems
-
-
-def _is_weight(reader: GraphReader, use: TpUse) -> bool:
-    return reader.linears[use.node].name == use.tensor
 
 
 def _other(shape, axis: int) -> int:
@@ -175,19 +172,3 @@ def _other(shape, axis: int) -> int:
         if i != axis % len(shape):
             count *= d
     return count
-
-
-def _units(reader: GraphReader, group: ChannelGroup, uses, columns) -> int | None:
-    """kv heads of a grouped-query attention group: the smallest head count its producers
-    are reshaped into, if every use's window holds a whole number of them."""
-    counts = []
-    for u in uses:
-        if u.role == "out" and u.node in columns and u.window > 0:
-            heads = reader.head_count(u.node, u.window)
-            if heads is None:
-                return None
-            counts.append(heads)
-    if not counts:
-        return None
-    units = min(counts)
-    return units if all(c % units == 0 for c in counts) else None

@@ -8,6 +8,11 @@ the all-reduced sum counts them once. The vocabulary embedding looks up the rank
 exactly one real row per token. The LM head computes the rank's logits; an all-gather along the
 last axis gives the full vocabulary.
 
+A dynamic-quantization range node of a sharded group (``aten.min``/``aten.max`` of the local
+channels, plan ``ranges``) is combined over the ranks (one ``max`` all-reduce of
+``[−min, max]`` for a min/max pair of one tensor), so every rank quantizes with the range of
+the whole tensor, as the unsharded graph does.
+
 Collectives are PyTorch's functional ones (:mod:`._fx_collectives`) on the process group NAMED
 ``group`` (``ProcessGroup.group_name``): the shard is an ordinary ``nn.Module`` that runs
 under ``torch.distributed`` and can be cut into pipeline stages (new nodes copy the
@@ -37,6 +42,7 @@ __all__ = ["shard_fx"]
 logger = logging.getLogger(__name__)
 
 _aten = torch.ops.aten
+_c10d = torch.ops._c10d_functional
 
 
 def shard_fx(gm: fx.GraphModule, plan: dict, rank: int, group: str,
@@ -45,7 +51,7 @@ def shard_fx(gm: fx.GraphModule, plan: dict, rank: int, group: str,
     ``shard-sequence-parallel`` plan ``sequence``, its regions run on token slices."""
     world = plan["world_size"]
     nodes = {n.name: n for n in gm.graph.nodes}
-    shrinker = FxShrinker(gm, PASS)
+    shrinker = FxShrinker(gm, PASS, tag="tp")
     for data in plan["groups"]:
         group_ = TpGroup.from_json(data)
         if group_.sharded:
@@ -62,6 +68,7 @@ def shard_fx(gm: fx.GraphModule, plan: dict, rank: int, group: str,
             reduce_after[site.node] = _masked_lookup(gm, nodes[site.node], rows, sliced)
         else:
             gather_after[site.node] = _local_logits(gm, nodes[site.node], rows, sliced)
+    _combine_ranges(gm.graph, [(nodes[name], op) for name, op in plan.get("ranges", ())], group)
     for node in gm.graph.nodes:  # replaced and never-read constants go (if unused)
         if node.op == "get_attr":
             shrinker.stale[node] = None
@@ -132,6 +139,47 @@ def _local_logits(gm, node: fx.Node, rows: tuple[int, int], sliced: dict) -> fx.
         args[bias_index] = _slice_rows(gm, args[bias_index], rows, 0, sliced)
     node.args = tuple(args)
     return node
+
+
+def _combine_ranges(graph: fx.Graph, ranges: list[tuple[fx.Node, str]], group: str) -> None:
+    """Each range node (the min or max of the local channels) becomes the min/max over the
+    ranks; a min and a max of the same tensor share one ``max`` all-reduce of ``[−min, max]``."""
+    by_input: dict[fx.Node, dict[str, fx.Node]] = {}
+    for node, op in ranges:
+        by_input.setdefault(node.args[0], {})[op] = node
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    for pair in by_input.values():
+        readers = {node: list(node.users) for node in pair.values()}  # before any new node
+        last = max(pair.values(), key=order.get)
+        if len(pair) == 1:
+            (op, node), = pair.items()
+            new = {node: _all_reduce(graph, node, op, group, last)}
+        else:
+            lo, hi = pair["min"], pair["max"]
+            first = min(lo, hi, key=order.get)
+            last = hi if first is lo else lo
+            first.append(last)  # both read one input: adjacent, before every reader
+            with graph.inserting_after(last):
+                neg = call(graph, _aten.neg.default, lo, like=last)
+            with graph.inserting_after(neg):
+                both = call(graph, _aten.stack.default, [neg, hi], like=last)
+            done = _all_reduce(graph, both, "max", group, last)
+            with graph.inserting_after(done):
+                low = call(graph, _aten.select.int, done, 0, 0, like=last)
+            with graph.inserting_after(low):
+                high = call(graph, _aten.select.int, done, 0, 1, like=last)
+            with graph.inserting_after(high):
+                new = {lo: call(graph, _aten.neg.default, low, like=last), hi: high}
+        for node, users in readers.items():
+            for user in users:
+                user.replace_input_with(node, new[node])
+
+
+def _all_reduce(graph: fx.Graph, value: fx.Node, op: str, group: str, like: fx.Node) -> fx.Node:
+    with graph.inserting_after(value):
+        reduced = call(graph, _c10d.all_reduce.default, value, op, group, like=like)
+    with graph.inserting_after(reduced):
+        return call(graph, _c10d.wait_tensor.default, reduced, like=like)
 
 
 def _drop_bias(node: fx.Node) -> None:

@@ -6,6 +6,13 @@ outside ``[v0, v1)`` zeroed by ``Where``), the LM head's local logits, and ``Gem
 row-parallel nodes on rank 0 only (``MatMul`` + ``Add`` exports add the bias after the
 collective point, which is the ``MatMul``: exact on every rank).
 
+Row-parallel ``DynamicQuantizeMatMul``/``MatMulNBits`` biases (fused inputs 4 and 5) stay on
+rank 0 only, like ``Gemm``'s. A dynamic-quantization range node of a sharded group
+(``ReduceMin``/``ReduceMax`` of the local channels, plan ``ranges``) becomes the min/max over
+the ranks: its value (as ``[1]``) is all-gathered along axis 0 and reduced again; a
+row-parallel ``DynamicQuantizeMatMul`` is first spelled out so that its range is such a node
+(:mod:`._tp_dynamic_onnx`).
+
 ONNX Runtime has no collectives, so the rank's model is then cut into segments at the
 collective points (:mod:`._tp_segments`).
 """
@@ -23,6 +30,7 @@ from graphpress.graph.onnx import add_initializer, mark, unique_name, value_name
 from .._linears import find_linears
 from .._rewrite import onnx_const
 from ..prune._shrink_onnx import OnnxShrinker
+from ._tp_dynamic_onnx import global_range_matmul
 from ._tp_groups import TpGroup
 from ._tp_segments import cut_segments
 from ._tp_slices import rank_slices, vocab_rows
@@ -33,6 +41,8 @@ __all__ = ["shard_onnx"]
 logger = logging.getLogger(__name__)
 
 PASS = "shard-tensor-parallel"
+_BIAS = {"Gemm": 2, "DynamicQuantizeMatMul": 4, "MatMulNBits": 5,  # fused bias inputs
+         "MatMulIntegerToFloat": 6}
 
 
 def shard_onnx(model: ir.Model, plan: dict, rank: int) -> tuple[list[Collective], list[int]]:
@@ -40,7 +50,7 @@ def shard_onnx(model: ir.Model, plan: dict, rank: int) -> tuple[list[Collective]
     segment boundary and the pipeline stage of each segment (:mod:`._tp_segments`)."""
     world = plan["world_size"]
     shapes = {v.name: v.shape for v in model.graph.outputs}
-    shrinker = OnnxShrinker(model, PASS)
+    shrinker = OnnxShrinker(model, PASS, tag="tp")
     for data in plan["groups"]:
         group = TpGroup.from_json(data)
         if group.sharded:
@@ -63,13 +73,21 @@ def shard_onnx(model: ir.Model, plan: dict, rank: int) -> tuple[list[Collective]
         else:
             point = _local_logits(model, node, rows, slices, taken, shrinker.touched)
             points[point] = ("all_gather", -1)
+    combine = lambda node, op: _combine_range(model.graph, node, op, taken)  # noqa: E731
+    for name, op in plan.get("ranges", ()):
+        made = [combine(nodes[name], op)] if op in ("min", "max") else global_range_matmul(
+            model.graph, nodes[name], taken, combine)
+        points.update((point, ("all_gather", 0)) for point in made)
+        nodes.update((n.name, n) for n in model.graph if n.name == name)
     if rank != 0:
         for data in plan["groups"]:
             for name in data["rows"] if data["sharded"] else ():
                 node = nodes[name]
-                if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
-                    shrinker.stale[node.inputs[2]] = None
-                    node.replace_input_with(2, None)
+                index = _BIAS.get(node.op_type)
+                if index is not None and len(node.inputs) > index and (
+                        node.inputs[index] is not None):
+                    shrinker.stale[node.inputs[index]] = None
+                    node.replace_input_with(index, None)
     shrinker.stale.update(dict.fromkeys(slices.replaced))
     shrinker.finish()  # drops replaced constants, re-infers the shapes of touched values
     return cut_segments(model, points, taken, shapes)
@@ -104,6 +122,36 @@ def _add(graph, anchor: ir.Node, op: str, inputs, name: str, taken, **attrs) -> 
     node = ir.node(op, list(inputs), attributes=attrs, outputs=[out],
                    name=unique_name(graph, f"{name}.node", taken))
     graph.insert_before(anchor, mark(node, PASS))
+    return out
+
+
+def _combine_range(graph, node: ir.Node, op: str, taken) -> str:
+    """Make ``node``'s min/max of the local channels the min/max over the ranks; returns the
+    name of the node whose ``[1]`` output is all-gathered."""
+    out = node.outputs[0]
+    base = f"{out.name}.tp"
+    one = _const(graph, f"{base}.one", np.array([1], np.int64), taken)
+    local = _after(graph, node, "Reshape", [out, one], f"{base}.local", taken)
+    if out.dtype is not None:  # shape unknown: [1] here, [W] once gathered
+        local.dtype = out.dtype
+    reshape = local.producer()
+    final = _after(graph, reshape, "ReduceMin" if op == "min" else "ReduceMax", [local],
+                   f"{base}.all", taken, keepdims=0)
+    rank = len(out.shape) if out.shape is not None else 0
+    if rank:  # a keep-dims reduction: its [1, ..., 1] shape again
+        ones = _const(graph, f"{base}.shape", np.ones(rank, np.int64), taken)
+        final = _after(graph, final.producer(), "Reshape", [final, ones], f"{base}.keep", taken)
+    for use in list(out.uses()):
+        if use.node is not reshape:
+            use.node.replace_input_with(use.idx, final)
+    return reshape.name
+
+
+def _after(graph, anchor: ir.Node, op: str, inputs, name: str, taken, **attrs) -> ir.Value:
+    out = ir.Value(name=unique_name(graph, name, taken))
+    node = ir.node(op, list(inputs), attributes=attrs, outputs=[out],
+                   name=unique_name(graph, f"{name}.node", taken))
+    graph.insert_after(anchor, mark(node, PASS))
     return out
 
 

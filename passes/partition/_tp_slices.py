@@ -34,7 +34,7 @@ def rank_slices(group: TpGroup, rank: int, world: int) -> list[tuple[ChannelGrou
         use = ChannelUse(u.node, u.tensor, u.axis, u.role, u.offset)
         if u.role == "shape":
             shapes.append(use)
-        elif u.role != "stat":
+        elif u.role not in ("stat", "range"):  # markers: nothing to slice
             by_window.setdefault(u.window, []).append(use)
     pairs = []
     for i, (window, uses) in enumerate(by_window.items()):

@@ -10,6 +10,11 @@
   output channels (or reading the embedding's very tensor: tied weights). Rank ``r`` computes
   logits ``[r·V/W, (r+1)·V/W)`` (column-parallel) and an all-gather along the last axis
   concatenates them.
+
+A vocabulary embedding stays replicated when its table is also read by a node that is not a
+sharded site (a tied LM head that cannot be split, e.g. a quantized one: slicing the table
+would then hold it twice), or when its rows are integer codes dequantized with a non-zero zero
+point (a zeroed row would not dequantize to zero).
 """
 
 from __future__ import annotations
@@ -17,12 +22,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import fx
 
 from graphpress.graph.analysis import op_name
 from graphpress.graph.fx import get_tensor
 
+from .._rewrite import onnx_const
 from ._tp_graph import GraphReader
 
 __all__ = ["VocabSite", "find_vocab"]
@@ -70,7 +77,56 @@ def find_vocab(reader: GraphReader, world: int, taken: set[str]) -> list[VocabSi
         n = None if shape is None else (shape[0] if site.stored_nk else shape[1])
         if site.name == tensor or n == vocab:
             sites.append(_site("vocab_column", name, site.name, vocab, world))
+    allowed = {s.node for s in sites if s.sharded}
+    others = _other_readers(reader, tensor, allowed)
+    if sites[0].sharded and others:
+        sites[0] = VocabSite("vocab_row", node, tensor, vocab, False,
+                             f"the table is also read by {others[0]!r}, which is not split")
+    elif sites[0].sharded and _offset_codes(reader, node):
+        sites[0] = VocabSite("vocab_row", node, tensor, vocab, False,
+                             "its rows are codes dequantized with a non-zero zero point")
     return sites
+
+
+_VIEWS = _CASTS | {"aten.t", "aten.permute", "aten.transpose", "Transpose"}
+
+
+def _other_readers(reader: GraphReader, tensor: str, allowed: set[str]) -> list[str]:
+    """Nodes outside ``allowed`` that read the constant ``tensor`` (through views/casts)."""
+    if reader.kind == "fx":
+        stack = [u for n in reader.graph.graph.nodes if n.op == "get_attr" and n.target == tensor
+                 for u in n.users]
+    else:
+        value = reader.graph.graph.initializers.get(tensor)
+        stack = [] if value is None else [u.node for u in value.uses()]
+    found = []
+    while stack:
+        node = stack.pop()
+        name = node.name if isinstance(node, fx.Node) else (
+            node.name or node.outputs[0].name)
+        if name in allowed:
+            continue
+        if op_name(node) in _VIEWS:
+            stack.extend(node.users if isinstance(node, fx.Node)
+                         else [u.node for out in node.outputs for u in out.uses()])
+        else:
+            found.append(name)
+    return found
+
+
+def _offset_codes(reader: GraphReader, name: str) -> bool:
+    """Whether the rows an ONNX embedding looks up go through a ``DequantizeLinear`` whose zero
+    point is not zero."""
+    node = reader.nodes[name]
+    if reader.kind == "fx":
+        return False
+    for use in node.outputs[0].uses():
+        dq = use.node
+        if dq.op_type == "DequantizeLinear" and len(dq.inputs) > 2 and dq.inputs[2] is not None:
+            zero = onnx_const(dq.inputs[2])
+            if zero is None or np.any(zero != 0):
+                return True
+    return False
 
 
 def _site(role: str, node: str, tensor: str, vocab: int, world: int) -> VocabSite:

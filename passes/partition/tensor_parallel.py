@@ -7,6 +7,12 @@ is a partial sum that ONE all-reduce completes. A transformer layer has two such
 vocabulary embedding (masked lookup of the local rows, then an all-reduce) and the LM head
 (column-parallel, then an all-gather of the logits) are vocab-parallel (:mod:`._tp_vocab`).
 
+Quantized graphs shard the same way: the channel groups see through Q/DQ weights,
+``DynamicQuantizeMatMul``, ``MatMulNBits`` and the FX quantization ops, so scales and zero
+points are sliced with their channels, block-quantized row-parallel weights split only at block
+boundaries, and the run-time activation range of dynamic quantization is combined over the
+ranks (``ranges`` in the plan), which keeps every rank's arithmetic that of the unsharded graph.
+
 Per rank, a sharded tensor holds ``1/W`` of its elements; everything else is replicated. The
 pass only annotates; :func:`graphpress.passes.partition.shard.shard` materialises rank ``r``,
 and :func:`tensor_parallel_plan` / :func:`to_torch_plan` give the same split to PyTorch's
@@ -81,7 +87,11 @@ class ShardTensorParallel(Pass):
       3. With ``vocab``: the vocabulary embedding is ``vocab_row`` (masked lookup of the
          local rows + ``all_reduce``) and an LM head producing a graph output with ``V``
          channels (or the tied weight) is ``vocab_column`` (+ ``all_gather`` along the last
-         axis), when ``V`` divides by ``world_size``.
+         axis), when ``V`` divides by ``world_size`` (float tables and heads only).
+      5. Quantized layers pair like float ones (``channel_groups`` sees through Q/DQ,
+         ``DynamicQuantizeMatMul``, ``MatMulNBits`` and the FX quantization ops); a sharded
+         group's run-time min/max nodes (dynamic activation quantization, ``"range"`` uses)
+         are listed in ``ranges`` and combined over the ranks (min/max) when materialised.
       4. The graph-level plan (``graphpress.tensor_parallel``, JSON) lists the groups, the
          vocab sites, the collective points, the all-reduces per layer (layer = the module
          path up to its first index, ``encoder.layer.0``) and the parameter split.
@@ -129,6 +139,8 @@ class ShardTensorParallel(Pass):
             roles.update((n, ("row", g.id)) for n in g.rows)
         for site in vocab:  # Rule 3
             roles[site.node] = (site.role if site.sharded else "replicated", site.node)
+        ranges = {u.node: reader.range_of(u.node) for g in sharded for u in g.uses
+                  if u.role == "range"}  # Rule 5
         reduces = [n for g in sharded for n in g.rows]
         reduces += [s.node for s in vocab if s.sharded and s.role == "vocab_row"]
         gathers = [s.node for s in vocab if s.sharded and s.role == "vocab_column"]
@@ -140,16 +152,19 @@ class ShardTensorParallel(Pass):
             set_note(nodes[name], COLLECTIVE_KEY, "all_gather")
             set_note(nodes[name], COLLECTIVE_DIM_KEY, -1)
         modules = {n: reader.module_of(n, _weight_of(reader, n)) for n in roles}
-        per_layer = Counter(_layer(modules.get(n)) for n in reduces)
+        per_layer = Counter(_layer(modules.get(n) or reader.upstream_module(n)) for n in reduces)
         per_layer.pop("", None)  # model-level collectives (the embedding's) are no layer's
-        params = _parameters(graph, groups, vocab, self.world_size)
+        params = _parameters(graph, groups, vocab, self.world_size, reader)
         stats = {"groups_sharded": len(sharded), "groups_replicated": len(groups) - len(sharded),
                  "vocab_sharded": sum(s.sharded for s in vocab), "all_reduces": len(reduces),
-                 "all_gathers": len(gathers), "layers": len(per_layer),
+                 "all_gathers": len(gathers), "range_syncs": len(ranges),
+                 "layers": len(per_layer),
                  "all_reduces_per_layer": max(per_layer.values(), default=0), **params}
         plan = {"world_size": self.world_size, "groups": [g.to_json() for g in groups],
                 "vocab": [s.to_json() for s in vocab], "all_reduces": reduces,
-                "all_gathers": [[n, -1] for n in gathers], "modules": modules,
+                "all_gathers": [[n, -1] for n in gathers],
+                "ranges": [list(item) for item in ranges.items()],
+                "modules": modules,
                 "roles": {n: r for n, (r, _) in roles.items()},
                 "all_reduces_per_layer": dict(per_layer), "stats": stats}
         write_plan(graph, PLAN_KEY, plan)  # Rule 4
@@ -168,8 +183,8 @@ class ShardTensorParallel(Pass):
 
 
 def _weight_of(reader: GraphReader, node: str) -> str:
-    site = reader.linears.get(node)
-    return site.name if site is not None else ""
+    site, layer = reader.linears.get(node), reader.layers.get(node)
+    return site.name if site is not None else (layer.tensor if layer is not None else "")
 
 
 def _layer(module: str | None) -> str:
@@ -177,11 +192,14 @@ def _layer(module: str | None) -> str:
     return match.group(1) if match else ""
 
 
-def _parameters(graph, groups, vocab, world: int) -> dict[str, float]:
+def _parameters(graph, groups, vocab, world: int, reader: GraphReader) -> dict[str, float]:
     """Elements and bytes in total and per rank: a tensor any sharded use slices holds
-    ``1/W`` of itself on each rank (row-parallel biases count as replicated)."""
+    ``1/W`` of itself on each rank (row-parallel biases count as replicated; the scales and
+    zero points of block-quantized codes go with them)."""
     split = {u.tensor for g in groups if g.sharded for u in g.uses
              if u.tensor and u.role in ("out", "in", "act")}
+    split.update(part for g in groups if g.sharded for n in (*g.columns, *g.rows)
+                 for part in reader.packed_parts(n))
     split |= {s.tensor for s in vocab if s.sharded}
     tensors: dict[int, tuple[int, int, bool]] = {}  # id -> (elements, bytes, sharded)
     if kind(graph) == "fx":

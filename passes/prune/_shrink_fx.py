@@ -2,12 +2,14 @@
 
 Same contract as ``_shrink_onnx``: every constant of a use (a ``get_attr`` tensor among the
 node's arguments, maybe behind ``t``/``permute``/``transpose``) is replaced by a NEW buffer
-``<target>_prune`` holding ``index_select`` of the kept index along the use's axis (channels
-outside the group's window stay); the old attribute goes when nothing reads it. Shape uses
+``<target>_<tag>`` (``tag`` = ``"prune"`` unless the caller names another) holding
+``index_select`` of the kept index along the use's axis (channels outside the group's window
+stay); the old attribute goes when nothing reads it. Shape uses
 scale the integer they encode by ``kept / size`` in ``view``/``reshape``/``_unsafe_view``/
 ``expand`` targets and ``split_with_sizes`` sizes (``-1`` and symbolic sizes stay). The
 ``meta["val"]`` example values are recomputed at the end with ``FakeTensorProp`` (dropped,
-with a debug log, where that fails), so later passes see the new shapes.
+with a debug log, where that fails), so later passes see the new shapes. The decode chain of
+a block-quantized weight is sliced as a whole (:mod:`._shrink_nbits_fx`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from graphpress.graph.fx import add_tensor, get_tensor, mark
 
 from .._rewrite import remove_dead_fx
 from ._importance import IndexLedger
-from ._shrink_onnx import removed_channels, scale_count
+from ._shrink_nbits_fx import find_chain, shrink_nbits_fx
+from ._shrink_onnx import TAG, removed_channels, scale_count
 
 __all__ = ["FxShrinker"]
 
@@ -45,8 +48,8 @@ _CONSUMERS = {_aten.linear.default: (0, -1), _aten.matmul.default: (0, -1),
 class FxShrinker:
     """Shrinks groups of one GraphModule in place; call :meth:`finish` at the end."""
 
-    def __init__(self, gm: fx.GraphModule, pass_name: str) -> None:
-        self.gm, self.pass_name = gm, pass_name
+    def __init__(self, gm: fx.GraphModule, pass_name: str, tag: str = TAG) -> None:
+        self.gm, self.pass_name, self.tag = gm, pass_name, tag
         self.nodes = {n.name: n for n in gm.graph.nodes}
         self.stale: dict[fx.Node, None] = {}
         self.origin: dict[fx.Node, str] = {}  # new get_attr -> the tensor name it replaces
@@ -100,6 +103,11 @@ class FxShrinker:
                 self._shape(node, use, kept_count, group.size)
                 continue
             found = self._constant(node, use.tensor) if use.tensor else None
+            chain = find_chain(self, node, use.tensor) if found is None and use.tensor else None
+            if chain is not None:
+                removed = removed_channels(group, keep_units, use.offset)
+                shrink_nbits_fx(self, node, chain, use, removed)
+                continue
             if found is None:
                 continue  # a computed value: its shape follows
             owner, attr = found
@@ -118,7 +126,7 @@ class FxShrinker:
                                          torch.from_numpy(index).to(tensor.device)).contiguous()
                 with self.gm.graph.inserting_before(attr):
                     made[key] = mark(self.gm.graph.get_attr(
-                        add_tensor(self.gm, f"{origin}.prune", new)), self.pass_name)
+                        add_tensor(self.gm, f"{origin}.{self.tag}", new)), self.pass_name)
                 self.ledger.adopt(made[key].target, history)
                 self.origin[made[key]] = origin
             owner.replace_input_with(attr, made[key])

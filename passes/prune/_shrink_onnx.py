@@ -4,7 +4,8 @@ Given a :class:`~graphpress.graph.channels.ChannelGroup` and the kept unit indic
 use's tensor loses the removed channels along its axis (``np.take`` of the kept index: the
 indices outside the group's window ``[offset, offset + size)`` stay, so a concatenated
 consumer keeps the other groups' channels). The result is a NEW initializer
-``<tensor>.prune`` bound to the use's node (or to the ``Transpose`` that feeds it); the old
+``<tensor>.<tag>`` (``tag`` = ``"prune"`` unless the caller names another, e.g. ``"tp"``) bound
+to the use's node (or to the ``Transpose`` that feeds it); the old
 tensor is dropped once nothing reads it. Uses whose tensor is not a constant (activations,
 ``Concat``/``Gelu`` outputs) need no slicing: their shapes follow.
 
@@ -14,6 +15,9 @@ when 3 of 12 heads of 32 go; ``-1`` and ``0`` (inferred / copied) stay. The targ
 constant or a ``Concat`` of 1-D pieces (a fresh ``Concat`` with a new piece is made for this
 ``Reshape`` only, since one target is often shared by every layer); ``Split`` sizes and
 ``num_heads`` attributes scale the same way.
+
+A ``MatMulNBits`` weight is sliced as a whole (codes, scales, zero points, ``N``/``K``;
+:mod:`._shrink_nbits_onnx`), by output rows or by whole blocks of input channels.
 
 The shapes recorded on the values between producers and consumers go stale; they are
 cleared and re-inferred once at the end (``onnx.shape_inference`` on a serialised copy).
@@ -32,6 +36,7 @@ from graphpress.graph.onnx import add_initializer, mark, unique_name, value_name
 
 from .._rewrite import drop_unused_constants, onnx_const
 from ._importance import IndexLedger, unit_channels
+from ._shrink_nbits_onnx import reads_codes, shrink_nbits
 
 __all__ = ["OnnxShrinker", "removed_channels", "scale_count", "TAG"]
 
@@ -60,8 +65,8 @@ def scale_count(value: int, kept: int, size: int) -> int:
 class OnnxShrinker:
     """Shrinks groups of one ``onnx_ir.Model`` in place; call :meth:`finish` at the end."""
 
-    def __init__(self, model: ir.Model, pass_name: str) -> None:
-        self.model, self.graph, self.pass_name = model, model.graph, pass_name
+    def __init__(self, model: ir.Model, pass_name: str, tag: str = TAG) -> None:
+        self.model, self.graph, self.pass_name, self.tag = model, model.graph, pass_name, tag
         self.taken = value_names(model)
         self.nodes: dict[str, ir.Node] = {n.name: n for n in self.graph if n.name}
         for node in self.graph:  # unnamed nodes by their first output's name
@@ -120,6 +125,9 @@ class OnnxShrinker:
             if use.role == "shape":
                 self._shape(node, use, kept_count, size)
                 continue
+            if reads_codes(node, use.tensor):
+                shrink_nbits(self, node, use, removed_channels(group, keep_units, use.offset))
+                continue
             found = self._input(node, use.tensor) if use.tensor else None
             if found is None:
                 continue  # an activation or other computed value: its shape follows
@@ -136,8 +144,9 @@ class OnnxShrinker:
                 origin = value.meta.get("prune.origin", value.name)
                 kept, history = self.ledger.keep(value.name, axis, array.shape[axis],
                                                  removed_channels(group, keep_units, use.offset))
-                made[key] = add_initializer(self.graph, f"{origin}.{TAG}", np.ascontiguousarray(
-                    np.take(array, kept, axis)), self.pass_name, self.taken)
+                made[key] = add_initializer(
+                    self.graph, f"{origin}.{self.tag}",
+                    np.ascontiguousarray(np.take(array, kept, axis)), self.pass_name, self.taken)
                 self.ledger.adopt(made[key].name, history)
                 made[key].meta["prune.origin"] = origin
             owner.replace_input_with(index, made[key])
@@ -161,7 +170,7 @@ class OnnxShrinker:
             if not np.array_equal(new, array.reshape(-1)):
                 key = (id(target), tuple(new.tolist()))
                 if key not in self.shapes:
-                    self.shapes[key] = add_initializer(self.graph, f"{target.name}.{TAG}", new,
+                    self.shapes[key] = add_initializer(self.graph, f"{target.name}.{self.tag}", new,
                                                        self.pass_name, self.taken)
                 node.replace_input_with(index, self.shapes[key])
                 self.stale[target] = None
@@ -189,12 +198,12 @@ class OnnxShrinker:
                 new[axis - start] = scale_count(int(new[axis - start]), kept, size)
                 if np.array_equal(new, array.reshape(-1)):
                     return
-                pieces[i] = add_initializer(self.graph, f"{piece.name}.{TAG}", new,
+                pieces[i] = add_initializer(self.graph, f"{piece.name}.{self.tag}", new,
                                             self.pass_name, self.taken)
-                out = ir.Value(name=unique_name(self.graph, f"{concat.outputs[0].name}.{TAG}",
+                out = ir.Value(name=unique_name(self.graph, f"{concat.outputs[0].name}.{self.tag}",
                                                 self.taken), type=concat.outputs[0].type)
                 fresh = ir.node("Concat", pieces, attributes={"axis": 0}, outputs=[out],
-                                name=unique_name(self.graph, f"{node.name}.{TAG}.target",
+                                name=unique_name(self.graph, f"{node.name}.{self.tag}.target",
                                                  self.taken))
                 self.graph.insert_before(node, mark(fresh, self.pass_name))
                 node.replace_input_with(index, out)

@@ -2,7 +2,8 @@
 share (a BERT and a LLaMA-style decoder with GQA from transformers configs, random weights).
 
 FX: every rank's module is interpreted node by node in lock step; at a functional collective
-all ranks stop, the collective is computed over their values (``all_reduce``: the sum;
+all ranks stop, the collective is computed over their values (``all_reduce``: the sum, or the
+min/max when the op names one;
 ``all_gather_into_tensor``: concatenation along dim 0; ``reduce_scatter_tensor``: chunk ``r``
 of the sum for rank ``r``) and each rank continues with its result (``wait_tensor`` is the
 identity). ONNX: segment ``k`` of every rank runs in ONNX Runtime, then
@@ -54,6 +55,26 @@ def llama(layers: int = 2):
     return model, (ids,), {"use_cache": False}
 
 
+class Positional(torch.nn.Module):
+    """A transformers model called with positional inputs only, returning its first output
+    (FX calibration feeds batches as positional tuples)."""
+
+    def __init__(self, model, **fixed) -> None:
+        super().__init__()
+        self.model, self.fixed = model, fixed
+
+    def forward(self, *args):
+        return self.model(*args, **self.fixed)[0]
+
+
+def positional(make, layers: int = 2):
+    """``(module, args)`` of ``bert``/``llama`` with every input positional."""
+    model, args, kwargs = make(layers)
+    if "attention_mask" in kwargs:
+        return Positional(model), (*args, kwargs["attention_mask"])
+    return Positional(model, **kwargs), tuple(args)
+
+
 def flat_inputs(args, kwargs) -> list:
     return pytree.tree_leaves((args, kwargs))
 
@@ -68,7 +89,8 @@ def _steps(gm: fx.GraphModule, flat):
     interp.env, interp.args_iter = {}, iter(flat)
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in _COLLECTIVES:
-            interp.env[node] = yield node.target, interp.env[node.args[0]]
+            op = node.args[1] if node.target is _c10d.all_reduce.default else "sum"
+            interp.env[node] = yield node.target, interp.env[node.args[0]], op
         elif node.op == "call_function" and node.target is _c10d.wait_tensor.default:
             interp.env[node] = interp.env[node.args[0]]
         elif node.op == "output":
@@ -85,11 +107,14 @@ def run_fx_ranks(modules, flat, *, per_rank: bool = False) -> tuple[list[list], 
     with torch.no_grad():
         messages = [next(g) for g in gens]
         while True:
-            targets = {m[0] for m in messages}
+            targets = {(m[0], m[2]) for m in messages}
             assert len(targets) == 1, f"ranks disagree on the collective: {targets}"
-            target, values = targets.pop(), [m[1] for m in messages]
+            (target, op), values = targets.pop(), [m[1] for m in messages]
             if target is _c10d.all_gather_into_tensor.default:
                 results = [torch.cat(values)] * len(gens)
+            elif target is _c10d.all_reduce.default and op in ("min", "max"):
+                stacked = torch.stack(values)
+                results = [stacked.amin(0) if op == "min" else stacked.amax(0)] * len(gens)
             elif target is _c10d.all_reduce.default:
                 results = [sum(values)] * len(gens)
             else:  # reduce-scatter: rank r keeps chunk r of the sum along dim 0
