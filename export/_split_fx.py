@@ -4,7 +4,9 @@ Each stage is a fresh ``fx.Graph``: a placeholder per incoming value (named as t
 value), the stage's nodes copied with ``Graph.node_copy`` (their ``meta`` included), a
 ``get_attr`` re-created for every constant or submodule the stage reads, and an output tuple.
 ``fx.GraphModule(source, graph)`` binds the very objects those ``get_attr``/``call_module``
-targets name on the source module, so the weights are shared, not copied.
+targets name on the source module, so the weights are shared, not copied. Constant-only nodes
+(:func:`graphpress.graph.costs.constant_only`: dequantisation chains) ignore their annotation:
+each stage copies the ones its nodes (or, in the last stage, the graph outputs) read.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from graphpress.graph._costs_fx import fx_values
-from graphpress.graph.costs import ValueInfo
+from graphpress.graph.analysis import op_name
+from graphpress.graph.costs import ValueInfo, constant_only
 
 from .stages import Stage, crossings, non_tensor_error, stage_indices
 
@@ -47,7 +50,8 @@ def fx_value_info(node: fx.Node, fallback: object = None) -> ValueInfo:
 
 def split_fx(gm: fx.GraphModule, annotation: str) -> list[Stage]:
     nodes = list(gm.graph.nodes)
-    compute = [n for n in nodes if n.op not in _NOT_COMPUTE]
+    chains = _constant_only(gm, nodes)
+    compute = [n for n in nodes if n.op not in _NOT_COMPUTE and n not in chains]
     indices = stage_indices([(n.name, n.meta.get(annotation)) for n in compute], annotation)
     stage_of = dict(zip(compute, indices))
     count = max(indices, default=0) + 1
@@ -60,8 +64,10 @@ def split_fx(gm: fx.GraphModule, annotation: str) -> list[Stage]:
             if source in defined:
                 last_use[source] = max(last_use.get(source, -1), stage_of[node])
     for node in outputs:
-        last_use[node] = count  # needed after the last stage
+        if node in defined:
+            last_use[node] = count  # needed after the last stage
     live = crossings([*inputs, *compute], defined, last_use, count)
+    copies = _chain_stages(nodes, chains, stage_of, outputs, count)
     crossing = {*inputs, *outputs, *(v for k in live for v in k)}
     # nodes a pass added without meta["val"] (dequantisation chains): propagated on a copy
     vals = fx_values(gm) if any("val" not in n.meta for n in crossing) else {}
@@ -74,12 +80,42 @@ def split_fx(gm: fx.GraphModule, annotation: str) -> list[Stage]:
     for k in range(count):
         takes = inputs if k == 0 else live[k]
         gives = outputs if k == count - 1 else live[k + 1]
-        members = [n for n in compute if stage_of[n] == k]
+        members = [n for n in nodes if stage_of.get(n) == k or k in copies.get(n, ())]
         module = _stage_module(gm, k, takes, members, gives, vals)
         stages.append(Stage(k, module, tuple(infos[n] for n in takes),
                             tuple(infos[n] for n in gives)))
     logger.debug("split %s into %d FX stages", type(gm).__name__, count)
     return stages
+
+
+def _constant_only(gm: fx.GraphModule, nodes: list[fx.Node]) -> set[fx.Node]:
+    """Operator nodes computed from tensor constants (``get_attr``) alone (``constant_only``)."""
+    def read(arg: fx.Node) -> object:
+        if arg.op != "get_attr":
+            return arg
+        value: object = gm
+        for part in arg.target.split("."):
+            value = getattr(value, part, None)
+        return None if isinstance(value, torch.Tensor) else arg
+
+    return constant_only((n, op_name(n), [read(a) for a in n.all_input_nodes])
+                         for n in nodes if n.op not in _NOT_COMPUTE)
+
+
+def _chain_stages(nodes: list[fx.Node], chains: set[fx.Node], stage_of: dict[fx.Node, int],
+                  outputs: list[fx.Node], count: int) -> dict[fx.Node, set[int]]:
+    """The stages each constant-only node is copied into: those of its readers (in reverse
+    graph order, so a chain feeding a chain follows it), the last one for a graph output."""
+    copies: dict[fx.Node, set[int]] = {n: set() for n in chains}
+    for node in outputs:
+        if node in copies:
+            copies[node].add(count - 1)
+    for node in reversed(nodes):
+        where = copies[node] if node in copies else {stage_of[node]} if node in stage_of else ()
+        for source in node.all_input_nodes:
+            if source in copies:
+                copies[source].update(where)
+    return copies
 
 
 def _output_nodes(gm: fx.GraphModule) -> list[fx.Node]:

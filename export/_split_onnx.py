@@ -7,8 +7,11 @@ name, dtype and shape; graph inputs are the incoming values in order, graph outp
 outgoing ones (a value that only passes through is both an input and an output of the stage,
 which ONNX and ONNX Runtime accept, so names never change); then the other stages' nodes and
 the initializers no kept node reads are removed. ``Constant`` nodes are constants: each stage
-keeps the ones its nodes read. Opsets, functions and model metadata are the source's. A
-boundary value the source leaves untyped gets its type from ONNX shape inference on a copy.
+keeps the ones its nodes read. Constant-only nodes (``graph.costs.constant_only``: a
+``Transpose`` of a weight, the ``Reshape``/``Cast`` feeding ``MatMulNBits``) ignore their
+annotation: each stage keeps a copy of the ones its nodes (or the graph outputs) read. Opsets,
+functions and model metadata are the source's. A boundary value the source leaves untyped
+gets its type from ONNX shape inference on a copy.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from graphpress.graph.analysis import dtype_name
-from graphpress.graph.costs import ValueInfo
+from graphpress.graph._costs_onnx import captured_values, is_constant_value
+from graphpress.graph.analysis import dtype_name, op_name
+from graphpress.graph.costs import ValueInfo, constant_only
 from graphpress.graph.errors import UnsupportedGraphError
 from graphpress.graph.onnx import subgraphs
 
@@ -50,6 +54,18 @@ def _is_constant_node(node: ir.Node) -> bool:
     return node.op_type == "Constant" and node.domain in ("", "ai.onnx") and not node.inputs
 
 
+def _constant_only(nodes: list[ir.Node]) -> set[int]:
+    """Indices of the nodes computed from constants alone (``constant_only``)."""
+    producer = {id(v): i for i, n in enumerate(nodes) for v in n.outputs}
+
+    def read(value: ir.Value) -> object:
+        return None if is_constant_value(value) else producer.get(id(value), value)
+
+    return constant_only((i, op_name(n), [read(v) for v in (*n.inputs, *captured_values(n))
+                                          if v is not None])
+                         for i, n in enumerate(nodes) if not _is_constant_node(n))
+
+
 def _reads(node: ir.Node) -> list[ir.Value]:
     """Values ``node`` reads, including outer-scope values its subgraphs read."""
     found = [v for v in node.inputs if v is not None]
@@ -62,27 +78,32 @@ def _reads(node: ir.Node) -> list[ir.Value]:
 def split_onnx(model: ir.Model, annotation: str) -> list[Stage]:
     graph = model.graph
     nodes = list(graph)
-    compute = [i for i, n in enumerate(nodes) if not _is_constant_node(n)]
+    chains = _constant_only(nodes)
+    compute = [i for i, n in enumerate(nodes) if not _is_constant_node(n) and i not in chains]
     marks = [(nodes[i].name or f"{nodes[i].op_type}_{i}", nodes[i].metadata_props.get(annotation))
              for i in compute]
     stage_of = dict(zip(compute, stage_indices(marks, annotation)))
     count = max(stage_of.values(), default=0) + 1
     defined = {value: 0 for value in graph.inputs}
     defined.update((value, stage_of[i]) for i in compute for value in nodes[i].outputs)
+    runs_in = {i: {stage_of[i]} for i in compute}  # the stages each node is kept in
     readers: dict[ir.Value, set[int]] = {}  # stages reading a value (count: a graph output)
-    for i in compute:
-        for value in _reads(nodes[i]):
-            readers.setdefault(value, set()).add(stage_of[i])
     for value in graph.outputs:
         readers.setdefault(value, set()).add(count)
-    live = crossings(list(defined), defined, {v: max(s) for v, s in readers.items()}, count)
+    for i in reversed(range(len(nodes))):  # readers first: a chain's stages are its readers'
+        if i in chains:
+            runs_in[i] = {min(k, count - 1) for v in nodes[i].outputs for k in readers.get(v, ())}
+        for value in _reads(nodes[i]) if i in runs_in else ():
+            readers.setdefault(value, set()).update(runs_in[i])
+    live = crossings(list(defined), defined,
+                     {v: max(s) for v, s in readers.items() if v in defined}, count)
     for k in range(1, count):
         for value in live[k]:
             if value.type is not None and not isinstance(value.type, ir.TensorType):
                 raise non_tensor_error(value.name or "?", k, str(value.type))
     constant_readers = {  # Constant node -> stages that need it (a graph output: the last)
         i: {min(k, count - 1) for v in node.outputs for k in readers.get(v, ())}
-        for i, node in enumerate(nodes) if i not in stage_of
+        for i, node in enumerate(nodes) if i not in runs_in
     }
     source = [*graph.inputs, *(v for n in nodes for v in n.outputs)]
     types = _missing_types(model, [v for k in live for v in k])
@@ -90,7 +111,7 @@ def split_onnx(model: ir.Model, annotation: str) -> list[Stage]:
     for k in range(count):
         takes = list(graph.inputs) if k == 0 else live[k]
         gives = list(graph.outputs) if k == count - 1 else live[k + 1]
-        keep = {i for i, stage in stage_of.items() if stage == k}
+        keep = {i for i, where in runs_in.items() if k in where}
         keep |= {i for i, needed in constant_readers.items() if k in needed}
         stage_model = _stage_model(model, source, k, takes, gives, keep)
         for value in (*stage_model.graph.inputs, *stage_model.graph.outputs):

@@ -14,7 +14,12 @@ Stage ``k > 0`` takes the values crossing boundary ``k`` in graph order; stage `
 those crossing ``k + 1``; the last stage returns the graph outputs in order (FX: the
 flattened output's node leaves). Constants never cross: every stage that reads one refers to
 the same tensor (FX ``get_attr`` re-created on a module sharing the parameters; ONNX
-initializers and ``Constant`` nodes kept in each stage's model). Only tensors may cross.
+initializers and ``Constant`` nodes kept in each stage's model). Nor do values computed from
+constants alone (:func:`graphpress.graph.costs.constant_only`: FX dequantisation chains, an
+ONNX ``Transpose`` of a weight): their nodes are copied into every stage that reads them
+(the last stage also takes those the graph returns), whatever their own annotation, so a
+dequantised weight is recomputed from the shared stored tensors instead of sent with every
+microbatch. Only tensors may cross.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from .analysis import dtype_name, onnx_constants, op_name
 from .costs import CostTable, NodeCost, ValueInfo, unbound_error
 from .onnx import subgraphs
 
-__all__ = ["onnx_costs"]
+__all__ = ["onnx_costs", "is_constant_value", "captured_values"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,10 +83,10 @@ def onnx_costs(model: ir.Model, dims: Mapping[str, int] | None) -> CostTable:
         outs = tuple(info(v, f"{label}:{i}") for i, v in enumerate(node.outputs))
         infos.update((o.name, o) for o in outs)
         reads, consts = [], []
-        for i, value in enumerate([*node.inputs, *_captured(node)]):
+        for i, value in enumerate([*node.inputs, *captured_values(node)]):
             if value is None:
                 continue
-            target = consts if _is_constant(value) else reads
+            target = consts if is_constant_value(value) else reads
             name = name_of(value, f"{label}:in{i}")
             if name not in target:
                 target.append(name)
@@ -108,7 +108,8 @@ def _nbytes(shape: tuple[int, ...], dtype: ir.DataType | None) -> int:
         return 0
 
 
-def _is_constant(value: ir.Value) -> bool:
+def is_constant_value(value: ir.Value) -> bool:
+    """An initializer that is no graph input, or the output of a ``Constant`` node."""
     if value.is_graph_input():
         return False
     if value.const_value is not None and value.is_initializer():
@@ -118,7 +119,7 @@ def _is_constant(value: ir.Value) -> bool:
             and producer.domain in ("", "ai.onnx"))
 
 
-def _captured(node: ir.Node) -> list[ir.Value]:
+def captured_values(node: ir.Node) -> list[ir.Value]:
     """Outer-scope values read inside ``node``'s subgraphs (nested ones too)."""
     inner, stack = [], list(subgraphs(node))
     while stack:

@@ -41,22 +41,42 @@ inputs and outputs are live together, with the temporaries its kernel allocates 
 (:attr:`CostTable.workspace`: FX decomposed quantize/dequantize ops). Constants are not
 activations; outputs of nodes that read only constants (an ONNX ``Transpose`` of a weight, an
 FX dequantisation chain) are, as the graph computes them (ONNX Runtime folds such ONNX nodes
-into weights at session start). A dim that stays unknown (an anonymous ONNX dim, a
+into weights at session start).
+
+Constant-only nodes (:func:`constant_only`): a node that reads at least one value and only
+constants or outputs of constant-only nodes (an FX dequantisation chain after a quantize
+pass, an ONNX ``Transpose`` of a weight) computes the same value on every call and can be
+recomputed wherever it is needed, so pipeline stages re-create such chains instead of sending
+their results; ops that must not run twice (collectives, random numbers) never qualify.
+
+A dim that stays unknown (an anonymous ONNX dim, a
 data-dependent size) makes that value count 0 bytes and its node 0 FLOPs.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .errors import UnsupportedGraphError
 from .kind import Graph, kind
 
-__all__ = ["ValueInfo", "NodeCost", "CostTable", "node_costs", "peak_live_bytes"]
+__all__ = ["ValueInfo", "NodeCost", "CostTable", "node_costs", "peak_live_bytes",
+           "constant_only", "constant_only_nodes", "repeatable"]
 
 logger = logging.getLogger(__name__)
+
+#: ops that must run exactly once: random numbers (dropout too) and collectives (lower case,
+#: without namespace/domain; any op of a ``c10d`` namespace is a collective as well)
+_RUN_ONCE = frozenset("""
+rand rand_like randn randn_like randint randint_like randperm normal uniform bernoulli
+multinomial exponential poisson geometric cauchy log_normal random dropout native_dropout
+_fused_dropout feature_dropout alpha_dropout feature_alpha_dropout rrelu rrelu_with_noise
+randomnormal randomnormallike randomuniform randomuniformlike
+allreduce allgather alltoall reducescatter all_reduce all_gather all_gather_into_tensor
+all_to_all all_to_all_single reduce_scatter reduce_scatter_tensor wait_tensor broadcast
+""".split())
 
 
 @dataclass(frozen=True)
@@ -121,6 +141,38 @@ def node_costs(graph: Graph, *, dims: Mapping[str, int] | None = None) -> CostTa
     from ._costs_onnx import onnx_costs
 
     return onnx_costs(graph, dims)
+
+
+def repeatable(op: str) -> bool:
+    """Whether an op (``op_name`` spelling) may run again on the same inputs: no collective, no
+    random numbers (dropout included), so a copy in another stage computes the same value."""
+    space, _, name = op.rpartition("::") if "::" in op else op.rpartition(".")
+    return "c10d" not in space and name.lower().rstrip("_") not in _RUN_ONCE
+
+
+def constant_only(
+    nodes: Iterable[tuple[Hashable, str, Sequence[Hashable | None]]],
+) -> set[Hashable]:
+    """Keys of the constant-only nodes among ``(key, op, reads)`` in topological order, where
+    ``reads`` holds, per value the node reads, ``None`` for a constant or the key of the node
+    producing it (anything else, e.g. a graph input's name, for other values): a node
+    qualifies when it reads something, its op is :func:`repeatable`, and every read is a
+    constant or a qualifying node's output (module doc)."""
+    found: set[Hashable] = set()
+    for key, op, reads in nodes:
+        if reads and repeatable(op) and all(r is None or r in found for r in reads):
+            found.add(key)
+    return found
+
+
+def constant_only_nodes(table: CostTable) -> frozenset[str]:
+    """Names of the constant-only nodes of ``table`` (:func:`constant_only`)."""
+    producer = {v.name: node.name for node in table.nodes for v in node.outputs}
+    outside = object()
+    return frozenset(constant_only(
+        (node.name, node.op, [*(None for _ in node.constants),
+                              *(producer.get(name, outside) for name in node.inputs)])
+        for node in table.nodes))
 
 
 def unbound_error(names: set[str], where: str) -> UnsupportedGraphError:

@@ -18,6 +18,9 @@ Rules:
    ``True`` always counts one (raising if the geometry is unknown), ``False`` never. The
    captured graph's own inputs/outputs are activations: a graph that already takes
    ``past_key_values`` as inputs counts them there too.
+4. :func:`kv_cache_by_node` splits the same cache by attention node (each node's own
+   ``2 · kv_heads · head_dim · bytes · batch · seq``, the common geometry filling what a node
+   does not show), so a pipeline stage can count the share its layers keep.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ from .costs import node_costs, peak_live_bytes
 from .errors import UnsupportedGraphError
 from .kind import Graph, kind
 
-__all__ = ["MemoryEstimate", "estimate_memory", "kv_cache_bytes", "human_bytes"]
+__all__ = ["MemoryEstimate", "estimate_memory", "kv_cache_bytes", "kv_cache_by_node",
+           "human_bytes"]
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +136,33 @@ def estimate_memory(
         kv_heads=kv_heads, head_dim=head_dim, cache_bytes=cache_bytes, causal=found.causal,
         dims=bound,
     )
+
+
+def kv_cache_by_node(
+    graph: Graph, *, dims: Mapping[str, int] | None = None, kv_cache: bool | None = None
+) -> dict[str, int]:
+    """KV-cache bytes per attention node (FX node name; ONNX node name, else ``<op>_<index>``
+    as in the cost table) at the graph's ``[batch, seq]`` (its static shape or ``dims``).
+
+    Empty when no cache is counted (Rule 3: ``kv_cache=None`` counts one for causal
+    attention only) or when batch, seq or a layer's geometry is unknown.
+    """
+    sites = attention_sites(graph)
+    found = summarize(sites)
+    if not sites or not (found.causal if kv_cache is None else kv_cache):
+        return {}
+    batch, seq = _bind_tokens(graph, None, None, {str(k): int(v) for k, v in (dims or {}).items()})
+    shares = {}
+    for site in sites:
+        heads = site.kv_heads if site.kv_heads is not None else found.kv_heads
+        dim = site.head_dim if site.head_dim is not None else found.head_dim
+        size = site.element_bytes or found.element_bytes or _DEFAULT_CACHE_BYTES
+        if None in (heads, dim, batch, seq):
+            logger.debug("no KV cache share for %s: geometry or batch/seq unknown", site.node)
+            continue
+        shares[site.node] = kv_cache_bytes(layers=1, kv_heads=heads, head_dim=dim, batch=batch,
+                                           seq=seq, bytes_per_element=size)
+    return shares
 
 
 def _token_dims(graph: Graph) -> tuple[str, list[object]] | None:

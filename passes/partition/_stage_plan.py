@@ -18,15 +18,21 @@ of ``S`` stages picks ``S-1`` allowed cuts ``j_1 < … < j_{S-1}``; stage ``k`` 
    the greedy, and so infeasibility, is unchanged). Both are actual stage costs; the search
    stops when ``lo ≥ hi`` and then ``B* = hi``. It starts from the lower bound
    ``max(Σc / S, max c_i)``.
-2. **Boundary bytes.** Among plans with ``max_k C_k ≤ B*·(1 + slack + 1e-9)``, a DP minimises
-   ``Σ b_j`` over the chosen cuts: ``F_k(e) = min_p F_{k-1}(p) + b_p`` over previous ends ``p``
-   with ``cost(p+1, e) ≤ T``. Those ``p`` form a window ``[lo(e), e-1]`` whose left end only
-   moves right as ``e`` grows, so a monotone deque gives each layer in ``O(N)``: ``O(S·N)``.
+2. **Floor.** Many plans may share ``B*`` (one heavy node, an embedding table, can fix it),
+   some with nearly empty stages; among them the largest smallest stage ``L*`` is found by
+   bisection on ``L``: "every stage in ``[L, B*]``" is monotone in ``L``, and checked layer by
+   layer with numpy (stage ``k`` can end at ``e`` iff some allowed earlier end lies in the
+   window of starts whose stage costs between ``L`` and ``B*``; prefix counts answer it).
+3. **Boundary bytes.** Among plans with ``max_k C_k ≤ B*·(1 + slack + 1e-9)`` and
+   ``min_k C_k ≥ L*·(1 − slack − 1e-9)``, a DP minimises ``Σ b_j`` over the chosen cuts:
+   ``F_k(e) = min_p F_{k-1}(p) + b_p`` over previous ends ``p`` whose stage ``p+1..e`` is in
+   range. Those ``p`` form a window whose two ends only move right as ``e`` grows, so a
+   monotone deque gives each layer in ``O(N)``: ``O(S·N)``.
 
-Costs: ``flops``; ``memory`` = bytes of the constants a node is the first reader of plus the
-bytes of its outputs; ``mixed`` (:func:`mixed_costs`) = ``w·flops_i/Σflops +
-(1−w)·memory_i/Σmemory`` so both parts sum to 1 over the graph and a stage's cost is its
-weighted share of the two.
+Costs: ``flops``; ``memory`` = the bytes a stage keeps resident for a node (the constants it is
+the first reader of, its KV-cache share; ``_pipeline_costs``); ``mixed`` (:func:`mixed_costs`)
+= ``w·flops_i/Σflops + (1−w)·memory_i/Σmemory`` so both parts sum to 1 over the graph and a
+stage's cost is its weighted share of the two.
 """
 
 from __future__ import annotations
@@ -54,7 +60,9 @@ class StagePlan:
 
     ``cuts[k]`` is the last node of stage ``k`` (``S-1`` entries); ``boundary_bytes[k]`` is
     what crosses cut ``k``; ``optimum`` is the proven minimum of the largest stage cost over
-    every contiguous split into ``S`` stages; ``lower_bound = max(Σc/S, max c_i)``.
+    every contiguous split into ``S`` stages; ``lower_bound = max(Σc/S, max c_i)``; ``floor``
+    the largest smallest stage among the plans at ``optimum`` (module doc, 2; by bisection, so
+    up to a relative 1e-9 below it).
     """
 
     cuts: tuple[int, ...]
@@ -62,6 +70,7 @@ class StagePlan:
     boundary_bytes: tuple[float, ...]
     optimum: float
     lower_bound: float
+    floor: float = 0.0
 
     @property
     def stages(self) -> int:
@@ -106,7 +115,8 @@ def plan_stages(
     costs: Sequence[float], boundary: Sequence[float], stages: int, *, slack: float = 0.0
 ) -> StagePlan:
     """The contiguous split of ``costs`` into ``stages`` stages with the smallest largest stage
-    (exact), and among those within ``slack`` of it, the fewest boundary bytes (exact).
+    (exact), then the largest smallest stage, and among those within ``slack`` of both, the
+    fewest boundary bytes (exact).
 
     ``boundary[j]`` (``len(costs) - 1`` entries) is the size of cut ``j``; ``inf`` forbids it.
     Raises :class:`PreconditionError` if there are fewer than ``stages - 1`` allowed cuts.
@@ -131,11 +141,14 @@ def plan_stages(
     search = _Search(prefix, b, stages)
     lower = max(float(prefix[-1]) / stages, float(c.max()))
     optimum = search.bottleneck(lower)
-    cuts = search.fewest_bytes(optimum * (1.0 + slack + TOLERANCE))
+    floor = search.floor(optimum)
+    cuts = search.fewest_bytes(optimum * (1.0 + slack + TOLERANCE),
+                               max(floor * (1.0 - slack - TOLERANCE), 0.0))
     ends = [*cuts, n - 1]
     starts = [0, *(j + 1 for j in cuts)]
     stage_costs = tuple(float(prefix[e + 1] - prefix[s]) for s, e in zip(starts, ends))
-    plan = StagePlan(tuple(cuts), stage_costs, tuple(float(b[j]) for j in cuts), optimum, lower)
+    plan = StagePlan(tuple(cuts), stage_costs, tuple(float(b[j]) for j in cuts), optimum, lower,
+                     floor)
     logger.debug("stage plan: %s (optimum %s, bound %s)", plan.stage_costs, optimum, lower)
     return plan
 
@@ -194,42 +207,81 @@ class _Search:
                 lo = value
         return hi
 
-    def fewest_bytes(self, limit: float) -> list[int]:
-        """Cuts of the plan with every stage ``≤ limit`` and the fewest boundary bytes."""
+    def windows(self, limit: float, floor: float) -> tuple[np.ndarray, np.ndarray]:
+        """Per end ``e``: the first and last previous end ``p`` (``-1``: the stage starts at
+        node 0) with ``floor ≤ cost(p+1, e) ≤ limit`` (both non-decreasing in ``e``; empty
+        when first > last)."""
+        prefix, n = self.prefix, self.n
+        ends = np.arange(n)
+        top = prefix[1:]
+
+        def smallest_start(stop) -> np.ndarray:
+            """Per end, the smallest start ``q ≤ e`` with ``stop(cost(q, e))``, else ``e+1``
+            (``cost`` only falls as ``q`` grows: a vectorised bisection on the one cost
+            expression, so no rounding of a shifted search)."""
+            lo, hi = np.zeros(n, dtype=np.int64), ends + 1
+            while (lo < hi).any():
+                mid = (lo + hi) // 2
+                ok = (mid > ends) | stop(top - prefix[np.minimum(mid, n)])
+                hi, lo = np.where(ok, mid, hi), np.where(ok, lo, mid + 1)
+            return lo
+
+        first = smallest_start(lambda cost: cost <= limit)
+        last = smallest_start(lambda cost: cost < floor) - 1
+        return first - 1, last - 1  # as previous ends p = start - 1
+
+
+    def feasible(self, limit: float, floor: float) -> bool:
+        """Whether some plan has every stage cost in ``[floor, limit]``."""
+        first, last = self.windows(limit, floor)
+        allowed = np.append(np.isfinite(self.boundary), False)  # no cut after the last node
+        reach = (first <= -1) & (last >= -1)  # one stage ending at e
+        for _ in range(1, self.stages):
+            count = np.concatenate([[0], np.cumsum(reach & allowed)])  # ends p < index
+            lo, hi = np.maximum(first, 0), last
+            reach = (hi >= lo) & (count[np.clip(hi + 1, 0, self.n)] > count[np.clip(lo, 0, self.n)])
+        return bool(reach[-1])
+
+    def floor(self, limit: float) -> float:
+        """``L*``: the largest smallest stage among plans with every stage ``≤ limit``."""
+        lo, hi = 0.0, min(self.cost(0, self.n - 1) / self.stages, limit)
+        if self.feasible(limit, hi):
+            return hi
+        for _ in range(100):
+            mid = lo + (hi - lo) / 2
+            if not lo < mid < hi or hi - lo <= TOLERANCE * hi:
+                break
+            lo, hi = (mid, hi) if self.feasible(limit, mid) else (lo, mid)
+        return lo
+
+    def fewest_bytes(self, limit: float, floor: float = 0.0) -> list[int]:
+        """Cuts of the plan with every stage in ``[floor, limit]`` and the fewest boundary
+        bytes."""
         n, stages = self.n, self.stages
         boundary = [*self.boundary.tolist(), math.inf]  # a stage cannot end "after" node n-1
-        reach = self.window_starts(limit)
-        best = [0.0 if self.cost(0, end) <= limit else math.inf for end in range(n)]  # F_1
+        first, last = (w.tolist() for w in self.windows(limit, floor))
+        best = [0.0 if first[e] <= -1 <= last[e] else math.inf for e in range(n)]  # F_1
         choice = [[-1] * n for _ in range(stages)]
         for k in range(1, stages):
             through = [f + b for f, b in zip(best, boundary)]  # F_{k-1}(p) + b_p
-            new, window = [math.inf] * n, deque()
+            new, window, pushed = [math.inf] * n, deque(), 0
             for end in range(1, n):
-                p = end - 1
-                if through[p] < math.inf:
-                    while window and through[window[-1]] >= through[p]:
-                        window.pop()
-                    window.append(p)
-                while window and window[0] < reach[end]:
+                while pushed <= min(last[end], end - 1):
+                    if through[pushed] < math.inf:
+                        while window and through[window[-1]] >= through[pushed]:
+                            window.pop()
+                        window.append(pushed)
+                    pushed += 1
+                while window and window[0] < first[end]:
                     window.popleft()
                 ends_here = end == n - 1 if k == stages - 1 else boundary[end] < math.inf
                 if window and ends_here:
                     new[end], choice[k][end] = through[window[0]], window[0]
             best = new
         if best[n - 1] == math.inf:
-            raise AssertionError(f"no plan under {limit}; the bottleneck search is inconsistent")
+            raise AssertionError(f"no plan in [{floor}, {limit}]; the searches are inconsistent")
         cuts, end = [], n - 1
         for k in range(stages - 1, 0, -1):
             end = choice[k][end]
             cuts.append(end)
         return cuts[::-1]
-
-    def window_starts(self, limit: float) -> list[int]:
-        """``reach[e]``: the smallest previous end ``p ≥ 0`` with ``cost(p+1, e) ≤ limit``
-        (non-decreasing in ``e``: two pointers)."""
-        reach, left = [0] * self.n, 0
-        for end in range(self.n):
-            while left < end and self.cost(left + 1, end) > limit:
-                left += 1
-            reach[end] = left
-        return reach

@@ -1,7 +1,9 @@
 """partition-pipeline: split a graph into contiguous pipeline stages (annotation only).
 
 The graph's cost table (:func:`graphpress.graph.costs.node_costs`) gives per-node costs and the
-bytes live across each cut (``_pipeline_costs``); ``_stage_plan`` finds the split into
+bytes live across each cut (``_pipeline_costs``; constant-only chains are re-created in every
+stage that reads them, so they are planned with their readers and never cross a boundary);
+``_stage_plan`` finds the split into
 ``stages`` contiguous stages whose most expensive stage is as cheap as possible (proven
 optimal), and among those the one sending the fewest bytes across boundaries, never cutting
 where a non-tensor value is live. The pass only annotates; ``graphpress.export.split_stages``
@@ -24,6 +26,7 @@ from graphpress.export.stages import PIPELINE_KEY as PLAN_KEY
 from graphpress.export.stages import STAGE_KEY
 from graphpress.graph.costs import node_costs
 from graphpress.graph.kind import Graph, kind
+from graphpress.graph.memory import kv_cache_by_node
 
 from ..base import Pass, PassResult, PassSpecError, PostconditionError, PreconditionError
 from ..registry import register
@@ -43,16 +46,25 @@ class PartitionPipeline(Pass):
     """Annotate contiguous pipeline stages that minimise the largest stage, then the traffic.
 
     **Rules**
-      1. Node costs: ``cost=flops``; ``memory`` (bytes of the constants a node reads first plus
-         its output bytes); ``mixed`` (``mix·flops/Σflops + (1−mix)·memory/Σmemory``).
-      2. A cut is allowed only where every live value is a tensor; its size is the bytes of
-         the values live across it (skips, late-used inputs and early outputs included).
-      3. The split minimises the largest stage cost exactly; among splits within ``slack`` of
-         that optimum it minimises the total boundary bytes.
-      4. Every operator node gets its stage index (FX ``node.meta["graphpress.stage"]``; ONNX
-         ``metadata_props``, ``Constant`` nodes take the stage of the node before them); the
-         plan is JSON in FX ``gm.meta["graphpress.pipeline"]`` / ONNX
-         ``model.metadata_props["graphpress.pipeline"]``.
+      1. Node costs: ``cost=flops``; ``memory``: what a stage keeps resident, the bytes of the
+         constants a node reads first (a shared or tied weight once) plus, for causal
+         attention, its KV-cache share ``2·kv_heads·head_dim·bytes·batch·seq`` (batch and seq
+         from the token input's static shape or ``dims``); activations are transient and only
+         reported (``activation_peak`` per stage); ``mixed``
+         (``mix·flops/Σflops + (1−mix)·memory/Σmemory``).
+      2. Constant-only nodes (computed from constants alone: dequantisation chains, a
+         ``Transpose`` of a weight) are not placed: their FLOPs and constants count for their
+         first reader, and ``split_stages`` re-creates them in every stage that reads them.
+      3. A cut is allowed only where every live value is a tensor; its size is the bytes of
+         the values live across it (skips, late-used inputs and early outputs included;
+         constant-only values never).
+      4. The split minimises the largest stage cost exactly, then maximises the smallest (no
+         stage left nearly empty when one heavy node fixes the optimum); among splits within
+         ``slack`` of both it minimises the total boundary bytes.
+      5. Every operator node gets its stage index (FX ``node.meta["graphpress.stage"]``; ONNX
+         ``metadata_props``; ``Constant`` nodes take the stage of the node before them,
+         constant-only nodes that of the next placed node); the plan is JSON in FX
+         ``gm.meta["graphpress.pipeline"]`` / ONNX ``model.metadata_props["graphpress.pipeline"]``.
 
     ``dims`` binds symbolic dimensions (``dims=batch=2|seq=128``). **Requires** ``stages - 1``
     allowed cuts. **Ensures** every operator node carries a stage index, non-decreasing in
@@ -99,11 +111,12 @@ class PartitionPipeline(Pass):
         return self._run(model)
 
     def _run(self, graph: Graph) -> PassResult:
-        costs = pipeline_costs(node_costs(graph, dims=self.dim_values() or None))
+        dims = self.dim_values() or None
+        costs = pipeline_costs(node_costs(graph, dims=dims), kv_cache_by_node(graph, dims=dims))
         if self.stages - 1 > allowed_cuts(costs.boundary):
             raise PreconditionError(
                 f"partition-pipeline: {self.stages} stages need {self.stages - 1} cuts, but this "
-                f"graph of {len(costs.table.nodes)} operator nodes has only "
+                f"graph of {len(costs.order)} placed operator nodes has only "
                 f"{allowed_cuts(costs.boundary)} places where only tensors are live; use "
                 f"stages={allowed_cuts(costs.boundary) + 1} or fewer")
         per_node = {"flops": costs.flops, "memory": costs.memory}.get(self.cost)
@@ -111,11 +124,12 @@ class PartitionPipeline(Pass):
             per_node = mixed_costs(costs.flops, costs.memory, self.mix)
         plan = plan_stages(per_node, costs.boundary, self.stages, slack=self.slack)
         names = [node.name for node in costs.table.nodes]
-        stages = plan.stage_of(len(names))
+        stages = _every_node(plan.stage_of(len(costs.order)), costs.order, len(names))
         summary = json.dumps({
             "stages": plan.stages, "cost": self.cost, "stage_costs": list(plan.stage_costs),
             "boundary_bytes": list(plan.boundary_bytes), "optimum": plan.optimum,
-            "lower_bound": plan.lower_bound, "cuts": [names[j] for j in plan.cuts],
+            "lower_bound": plan.lower_bound, "floor": plan.floor,
+            "cuts": [names[costs.order[j]] for j in plan.cuts],
         })
         if kind(graph) == "fx":
             modified = _annotate_fx(graph, dict(zip(names, stages)), summary)
@@ -144,8 +158,21 @@ class PartitionPipeline(Pass):
             previous = int(mark)
 
 
+def _every_node(placed: list[int], order: tuple[int, ...], count: int) -> list[int]:
+    """Rule 5: the stage of every table node; a constant-only node takes the stage of the next
+    placed node (the last stage when none follows)."""
+    stages, last = [-1] * count, placed[-1] if placed else 0
+    for stage, index in zip(placed, order):
+        stages[index] = stage
+    for index in range(count - 1, -1, -1):
+        if stages[index] < 0:
+            stages[index] = last
+        last = stages[index]
+    return stages
+
+
 def _annotate_fx(gm: fx.GraphModule, stage_of: dict[str, int], summary: str) -> bool:
-    """Rule 4 on FX; True if any annotation changed."""
+    """Rule 5 on FX; True if any annotation changed."""
     changed, current = gm.meta.get(PLAN_KEY) != summary, 0
     for node in gm.graph.nodes:
         if node.op in _NOT_COMPUTE:
@@ -158,7 +185,7 @@ def _annotate_fx(gm: fx.GraphModule, stage_of: dict[str, int], summary: str) -> 
 
 
 def _annotate_onnx(model: ir.Model, stages: list[int], summary: str) -> bool:
-    """Rule 4 on ONNX (``stages``: one per table node, i.e. per non-``Constant`` node in order);
+    """Rule 5 on ONNX (``stages``: one per table node, i.e. per non-``Constant`` node in order);
     True if any annotation changed."""
     changed, current, row = model.metadata_props.get(PLAN_KEY) != summary, 0, 0
     for node in model.graph:

@@ -26,7 +26,7 @@ import onnx_ir as ir
 
 from graphpress.graph.onnx import add_initializer, mark, unique_name
 
-from .._rewrite import bypass_onnx, onnx_const
+from .._rewrite import bypass_onnx, drop_unused_constants, onnx_const
 from ._blockwise import BlockQuant
 from ._packing import pack_zero_points
 
@@ -198,4 +198,7 @@ def rewrite_site(graph: ir.Graph, site: Site, packed: Packed, x: ir.Value, pass_
             out = add("Add", [out, const("bias", site.bias)], "bias_add")
     out.dtype, out.shape = old.dtype, old.shape
     graph.insert_before(node, new_nodes)
+    bias = node.inputs[2] if site.op == "gemm" and len(node.inputs) > 2 else None
     bypass_onnx(node, old, out)
+    if bias is not None:  # copied to <node>.<tag>.bias above; the original may be unread now
+        drop_unused_constants([bias])

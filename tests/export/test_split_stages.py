@@ -283,3 +283,129 @@ def test_onnx_subgraph_reads_constants_and_untyped_values_cross():
         feeds = {"x": np.array([-1.0, 2.0], np.float32), "c": np.array(flag)}
         want = session(model).run(None, feeds)[0]
         assert np.array_equal(onnx_chain(split, feeds)["z"], want)
+
+
+# constant-only chains: recomputed in every stage that reads them, never sent -----------------
+class Twice(torch.nn.Module):
+    """``b(relu(a(relu(a(x)))))``: the weight of ``a`` is read by two linears."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(64, 64), torch.nn.Linear(64, 32)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(torch.relu(self.a(x)))))
+
+
+def from_constants(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    """FX nodes computed from ``get_attr`` tensors alone, in graph order."""
+    found: list[torch.fx.Node] = []
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.all_input_nodes and all(
+                a.op == "get_attr" or a in found for a in node.all_input_nodes):
+            found.append(node)
+    return found
+
+
+@pytest.mark.parametrize("spec", ["quantize-weights:bits=4", "quantize-dynamic", "insert-qdq"])
+def test_fx_cut_inside_a_dequantisation_chain_recomputes_it(spec):
+    """Three stages: ``a``'s dequantised weight is read by stages 0 and 1, and stage 2 starts
+    in the middle of the chain dequantising ``b``'s weight. No stage receives a dequantised
+    weight: each computes the ones it reads from the shared stored tensors, and the chained
+    stages equal the unsplit graph."""
+    from graphpress.passes import optimize
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 64)
+    gm = optimize(capture(Twice().eval(), (x,)), [spec], calibration=[(x,)]).graph
+    chain = from_constants(gm)
+    linears = [n for n in gm.graph.nodes if n.target == torch.ops.aten.linear.default]
+    a_chain = [n for n in chain if linears[0] in _readers(n)]
+    b_chain = [n for n in chain if linears[2] in _readers(n) and n not in a_chain]
+    assert len(linears) == 3 and a_chain and b_chain
+    assert all(linears[1] in _readers(n) for n in a_chain)  # one chain, read twice
+    starts = {linears[0].next: 1, b_chain[len(b_chain) // 2]: 2}  # annotation only: ignored
+    stage = 0
+    for node in gm.graph.nodes:
+        if node.op not in ("placeholder", "get_attr", "output"):
+            stage = starts.get(node, stage)
+            node.meta["graphpress.stage"] = stage
+    split = split_stages(gm)
+    assert len(split) == 3
+    names = {n.name for n in chain}
+    members = [{n.name for n in part.graph.graph.nodes} for part in split]
+    assert [{n.name for n in a_chain} <= m for m in members] == [True, True, False]
+    assert [bool({n.name for n in b_chain} & m) for m in members] == [False, False, True]
+    assert {n.name for n in b_chain} <= members[2]
+    for part in split[1:]:  # only activations cross
+        assert not names & {v.name for v in part.inputs}
+        assert all(v.shape == (4, 64) for v in part.inputs)
+    source = dict(gm.named_buffers()) | dict(gm.named_parameters())
+    for part in split:  # the stored (quantized) tensors are shared, not copied
+        for name, tensor in [*part.graph.named_buffers(), *part.graph.named_parameters()]:
+            assert tensor is source[name]
+    with torch.no_grad():
+        want = gm(x)
+    got = fx_chain(split, {"x": x})
+    assert torch.equal(got[0], want)
+
+
+def _readers(node: torch.fx.Node) -> set[torch.fx.Node]:
+    """Nodes reading ``node`` directly or through other nodes computed from constants."""
+    found, stack = set(), [node]
+    while stack:
+        for user in stack.pop().users:
+            if user not in found:
+                found.add(user)
+                stack.append(user)
+    return found
+
+
+def transposed_weight_model() -> ir.Model:
+    """``Transpose(W)`` (a weight read as ``[K, N]``) feeds the first and the last MatMul; the
+    middle one reads ``W`` itself."""
+    w = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)
+    nodes = [
+        helper.make_node("Transpose", ["w"], ["t"], perm=[1, 0], name="transpose_w"),
+        helper.make_node("MatMul", ["x", "t"], ["h"], name="first"),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("MatMul", ["r", "w"], ["m"], name="middle"),
+        helper.make_node("Tanh", ["m"], ["a"], name="tanh"),
+        helper.make_node("MatMul", ["a", "t"], ["y"], name="last"),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+        [onnx.numpy_helper.from_array(w, "w")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    return ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(proto))
+
+
+@pytest.mark.parametrize("how", ["manual", "planned"])
+def test_onnx_transposed_weight_is_recomputed_per_stage(how):
+    model = transposed_weight_model()
+    if how == "manual":  # the Transpose marked in stage 0, read again by stage 2
+        for node, stage in zip(model.graph, (0, 0, 1, 1, 2, 2)):
+            node.metadata_props["graphpress.stage"] = str(stage)
+    else:
+        result = PartitionPipeline(stages=3, cost="memory")(model)
+        # the first reader holds the transposed weight (128 B), the middle MatMul the weight
+        # itself (the same tensor: counted once), the stored bytes balance as far as they can
+        assert json.loads(model.metadata_props["graphpress.pipeline"])["stage_costs"][0] == 128
+        assert [r["weight_bytes"] for r in result.layers].count(128) >= 2
+    split = split_stages(model)
+    assert len(split) == 3
+    if how == "planned":
+        assert_bytes_match_the_plan(split, model.metadata_props["graphpress.pipeline"])
+    for stage in split:
+        assert "t" not in {v.name for v in stage.inputs}
+        ops = [n.op_type for n in stage.graph.graph]
+        reads_t = any(v is not None and v.name == "t" for n in stage.graph.graph
+                      for v in n.inputs if n.op_type == "MatMul")
+        assert ("Transpose" in ops) == reads_t
+        for name, value in stage.graph.graph.initializers.items():
+            assert value.const_value is model.graph.initializers[name].const_value
+    assert sum("Transpose" in [n.op_type for n in s.graph.graph] for s in split) == 2
+    feeds = {"x": np.random.default_rng(1).normal(size=(2, 8)).astype(np.float32)}
+    want = session(model).run(None, feeds)[0]
+    np.testing.assert_array_equal(onnx_chain(split, feeds)["y"], want)

@@ -12,7 +12,7 @@ from torch.utils._pytree import tree_leaves
 from graphpress.export import to_onnx
 from graphpress.graph import UnsupportedGraphError, capture, measure
 from graphpress.graph.costs import node_costs, peak_live_bytes
-from graphpress.graph.memory import estimate_memory, kv_cache_bytes
+from graphpress.graph.memory import estimate_memory, kv_cache_by_node, kv_cache_bytes
 from graphpress.passes import optimize
 
 SENTENCES = ["Return the sum of a sequence of numbers.", "Open a file and return a stream.",
@@ -90,6 +90,19 @@ def test_decoder_kv_cache_geometry_is_detected(llama):
         assert fp16.kv_cache == 2 * 30 * 2 * 16 * 2 * batch * seq
 
 
+def test_decoder_kv_cache_splits_by_attention_node(llama):
+    """Each attention node keeps 2·kv_heads·head_dim·4 B·batch·seq; the shares add up to the
+    whole cache and name nodes of the cost table (where partition-pipeline places them)."""
+    gm, onnx_model, inputs = llama
+    batch, seq = inputs["input_ids"].shape
+    for graph in (gm, onnx_model):
+        shares = kv_cache_by_node(graph)
+        assert list(shares.values()) == [2 * 2 * 16 * 4 * batch * seq] * 2
+        assert sum(shares.values()) == estimate_memory(graph).kv_cache
+        assert set(shares) <= {n.name for n in node_costs(graph).nodes}
+        assert kv_cache_by_node(graph, kv_cache=False) == {}
+
+
 def test_decoder_activations_match_measured_peaks(llama):
     gm, _, inputs = llama
     estimate = estimate_memory(gm).activations_peak
@@ -143,6 +156,8 @@ def test_encoder_weights_equal_measure_and_no_cache(minilm_graphs):
         assert not estimate.causal and estimate.kv_cache is None  # encoder: no cache by default
         forced = estimate_memory(graph, kv_cache=True)
         assert forced.kv_cache == 2 * 6 * 12 * 32 * 4 * 4 * 32
+        assert kv_cache_by_node(graph) == {}  # not causal: no cache share anywhere
+        assert sum(kv_cache_by_node(graph, kv_cache=True).values()) == forced.kv_cache
 
 
 def test_encoder_activations_match_the_interpreter(minilm_graphs):

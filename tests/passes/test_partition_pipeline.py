@@ -20,6 +20,7 @@ from graphpress.graph import (
     clone,
 )
 from graphpress.graph.costs import node_costs
+from graphpress.graph.memory import estimate_memory
 from graphpress.passes import optimize
 from graphpress.passes.partition import PartitionPipeline
 from graphpress.passes.partition._pipeline_costs import pipeline_costs
@@ -181,3 +182,54 @@ def test_thirty_layer_decoder_balances_four_stages():
         stats = PartitionPipeline(stages=stages)(gm).stats
         assert stats["imbalance"] <= target, (stages, stats)
         assert stats["max_stage_cost"] == stats["optimum"] >= stats["lower_bound"]
+
+
+def test_memory_cost_is_resident_weights_plus_kv_cache(llama_model):
+    """cost=memory on a causal decoder (tied embedding and LM head): a stage costs the stored
+    bytes of the weights it reads first plus the KV cache of its attention layers; the
+    activations are reported per stage but not balanced, so a longer sequence adds exactly its
+    extra cache."""
+    from graphpress.export import to_onnx
+
+    model, inputs = llama_model
+    ids = inputs["input_ids"]
+    longer = {**inputs, "input_ids": torch.cat([ids, ids], dim=1)}
+    gm = capture(model, (), inputs)
+    totals = {}
+    for name, graph in (("fx", gm), ("onnx", to_onnx(gm, (), inputs)),
+                        ("fx-long", capture(model, (), longer))):
+        graph = clone(graph)
+        result = PartitionPipeline(stages=2, cost="memory")(graph)
+        estimate, table = estimate_memory(graph), node_costs(graph)
+        rows, costs = result.layers, plan_of(graph)["stage_costs"]
+        assert estimate.kv_cache == 2 * 2 * 2 * 16 * 4 * ids.shape[0] * graph_seq(graph)
+        read = {c for n in table.nodes for c in n.constants}  # (a buffer no node reads: none)
+        weights = sum(table.constant_bytes[c] for c in read)
+        assert sum(costs) == weights + estimate.kv_cache  # the tied weight counted once
+        assert sum(r["kv_cache_bytes"] for r in rows) == estimate.kv_cache
+        first_read, seen = [], set()
+        for row in rows:  # the weights a stage reads that no earlier stage read
+            stage = int(row["layer"].removeprefix("stage"))
+            mine = {c for n in table.nodes if marks_by_name(graph)[n.name] == stage
+                    for c in n.constants} - seen
+            seen |= mine
+            first_read.append(sum(table.constant_bytes[c] for c in mine))
+        assert costs == [w + r["kv_cache_bytes"] for w, r in zip(first_read, rows)]
+        assert rows[-1]["weight_bytes"] > first_read[-1]  # the LM head re-reads the embedding
+        assert all(r["activation_peak"] > 0 for r in rows)
+        totals[name] = (weights, estimate.kv_cache, sum(costs))
+    assert totals["fx-long"][0] == totals["fx"][0]  # same weights, twice the cache
+    assert totals["fx-long"][2] - totals["fx"][2] == totals["fx"][1]
+
+
+def graph_seq(graph) -> int:
+    return estimate_memory(graph).seq
+
+
+def marks_by_name(graph) -> dict[str, int]:
+    """Stage mark of every cost-table node, by its table name."""
+    if isinstance(graph, torch.fx.GraphModule):
+        return {n.name: n.meta["graphpress.stage"] for n in graph.graph.nodes
+                if n.op not in NOT_COMPUTE}
+    nodes = [n for n in graph.graph if n.op_type != "Constant"]
+    return {n.name: int(n.metadata_props["graphpress.stage"]) for n in nodes}

@@ -94,11 +94,30 @@ def test_gemm_bias_and_spec(h):
     out = optimize(model, ["quantize-weights:bits=8,block_size=16"]).graph
     assert h.onnx_ops(out) == ["Reshape", "Cast", "MatMulNBits", "Add"]
     np.testing.assert_allclose(h.ort_outputs(out, {"x": x})[0], x @ w.T + 0.5 * b, atol=0.2)
+    # the bias (scaled by beta) moved to a new initializer: the original, unread, is gone
+    assert "b" not in out.graph.initializers and "w" not in out.graph.initializers
+    assert all(v.uses() for v in out.graph.initializers.values())
+    stored = sum(v.const_value.nbytes for v in out.graph.initializers.values())
+    assert measure(out).bytes == stored
     assert from_spec("quantize-weights:algorithm=gptq,act_order=false").act_order is False
     with pytest.raises(PassSpecError, match="block_size"):
         from_spec("quantize-weights:block_size=48")
     with pytest.raises(PassSpecError, match="bits"):
         QuantizeWeights(bits=3)
+
+
+def test_gemm_bias_read_elsewhere_stays(h):
+    """A Gemm bias also read by another node stays (only an unread original is dropped)."""
+    w = RNG.normal(size=(32, 64)).astype(np.float32)
+    b = RNG.normal(size=(32,)).astype(np.float32)
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["g"], transB=1),
+             helper.make_node("Add", ["g", "b"], ["y"])]
+    model = h.make_onnx(nodes, [("x", F, [3, 64])], [("y", F, [3, 32])], {"w": w, "b": b})
+    x = RNG.normal(size=(3, 64)).astype(np.float32)
+    out = optimize(model, ["quantize-weights:bits=8,block_size=16"]).graph
+    assert "MatMulNBits" in h.onnx_ops(out) and "b" in out.graph.initializers
+    assert all(v.uses() for v in out.graph.initializers.values())
+    np.testing.assert_allclose(h.ort_outputs(out, {"x": x})[0], x @ w.T + 2 * b, atol=0.2)
 
 
 def _embedding_model(h, vocab: int, hidden: int, *, tied: bool):

@@ -15,16 +15,17 @@ from graphpress.passes.partition._stage_plan import allowed_cuts, mixed_costs, p
 
 
 def brute_force(costs, boundary, stages):
-    """(min max-stage-cost, min boundary bytes among splits at that cost) over all splits."""
+    """(min max-stage-cost, then max min-stage-cost, then min boundary bytes) over all
+    splits, as (worst, smallest, bytes)."""
     n, best = len(costs), None
     for cuts in itertools.combinations(range(n - 1), stages - 1):
         if not all(math.isfinite(boundary[j]) for j in cuts):
             continue
         starts, ends = [0, *(j + 1 for j in cuts)], [*cuts, n - 1]
-        worst = max(sum(costs[s:e + 1]) for s, e in zip(starts, ends))
-        key = (worst, sum(boundary[j] for j in cuts))
+        sizes = [sum(costs[s:e + 1]) for s, e in zip(starts, ends)]
+        key = (max(sizes), -min(sizes), sum(boundary[j] for j in cuts))
         best = key if best is None or key < best else best
-    return best
+    return best[0], -best[1], best[2]
 
 
 def random_instance(rng: random.Random, n: int):
@@ -40,8 +41,10 @@ def test_optimal_against_every_contiguous_split():
         costs, boundary = random_instance(rng, n)
         for stages in range(1, allowed_cuts(boundary) + 2):
             plan = plan_stages(costs, boundary, stages)
-            worst, traffic = brute_force(costs, boundary, stages)
+            worst, smallest, traffic = brute_force(costs, boundary, stages)
             assert plan.optimum == worst and plan.max_cost == worst, (costs, boundary, stages)
+            assert min(plan.stage_costs) == smallest, (costs, boundary, stages)
+            assert plan.floor == pytest.approx(smallest, rel=1e-9, abs=1e-12)  # (bisection)
             assert plan.boundary_total == traffic, (costs, boundary, stages)
             assert all(math.isfinite(boundary[j]) for j in plan.cuts)
             assert len(plan.cuts) == stages - 1 and list(plan.cuts) == sorted(set(plan.cuts))
@@ -57,8 +60,9 @@ def test_float_costs_are_optimal_within_rounding():
         boundary = list(rng.integers(0, 5, n - 1).astype(float))
         stages = int(rng.integers(1, n + 1))
         plan = plan_stages(costs, boundary, stages)
-        worst, _ = brute_force(costs, boundary, stages)
+        worst, smallest, _ = brute_force(costs, boundary, stages)
         assert plan.max_cost == pytest.approx(worst, rel=1e-9)
+        assert min(plan.stage_costs) == pytest.approx(smallest, rel=1e-6)
         assert sum(plan.stage_costs) == pytest.approx(sum(costs), rel=1e-12)
 
 
