@@ -44,12 +44,14 @@ from graphpress.passes import (
     calibrate,
     optimize,
 )
+from graphpress.passes.distill import DistillResult, distill
 from graphpress.passes.partition import shard, tensor_parallel_plan, to_torch_plan
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CalibrationTable",
+    "DistillResult",
     "calibrate",
     "CaptureError",
     "ExportError",
@@ -69,6 +71,7 @@ __all__ = [
     "ChannelGroup", "ChannelUse", "capture", "channel_groups",
     "clone",
     "diff",
+    "distill",
     "estimate_memory",
     "format",
     "export",
