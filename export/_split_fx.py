@@ -20,6 +20,7 @@ from torch.utils import _pytree as pytree
 from graphpress.graph._costs_fx import fx_values
 from graphpress.graph.analysis import op_name
 from graphpress.graph.costs import ValueInfo, constant_only
+from graphpress.graph.fx import get_tensor
 
 from .stages import Stage, crossings, non_tensor_error, stage_indices
 
@@ -91,12 +92,7 @@ def split_fx(gm: fx.GraphModule, annotation: str) -> list[Stage]:
 def _constant_only(gm: fx.GraphModule, nodes: list[fx.Node]) -> set[fx.Node]:
     """Operator nodes computed from tensor constants (``get_attr``) alone (``constant_only``)."""
     def read(arg: fx.Node) -> object:
-        if arg.op != "get_attr":
-            return arg
-        value: object = gm
-        for part in arg.target.split("."):
-            value = getattr(value, part, None)
-        return None if isinstance(value, torch.Tensor) else arg
+        return None if get_tensor(gm, arg) is not None else arg
 
     return constant_only((n, op_name(n), [read(a) for a in n.all_input_nodes])
                          for n in nodes if n.op not in _NOT_COMPUTE)

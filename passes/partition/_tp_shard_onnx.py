@@ -117,11 +117,13 @@ def _slice(graph, value: ir.Value, rows, axis: int, slices: _Slices, taken) -> i
     return slices.made[key]
 
 
-def _add(graph, anchor: ir.Node, op: str, inputs, name: str, taken, **attrs) -> ir.Value:
+def _add(graph, anchor: ir.Node, op: str, inputs, name: str, taken, *, after: bool = False,
+         **attrs) -> ir.Value:
+    """A new ``op`` node (output named from ``name``) inserted before ``anchor``, or after."""
     out = ir.Value(name=unique_name(graph, name, taken))
     node = ir.node(op, list(inputs), attributes=attrs, outputs=[out],
                    name=unique_name(graph, f"{name}.node", taken))
-    graph.insert_before(anchor, mark(node, PASS))
+    (graph.insert_after if after else graph.insert_before)(anchor, mark(node, PASS))
     return out
 
 
@@ -131,28 +133,21 @@ def _combine_range(graph, node: ir.Node, op: str, taken) -> str:
     out = node.outputs[0]
     base = f"{out.name}.tp"
     one = _const(graph, f"{base}.one", np.array([1], np.int64), taken)
-    local = _after(graph, node, "Reshape", [out, one], f"{base}.local", taken)
+    local = _add(graph, node, "Reshape", [out, one], f"{base}.local", taken, after=True)
     if out.dtype is not None:  # shape unknown: [1] here, [W] once gathered
         local.dtype = out.dtype
     reshape = local.producer()
-    final = _after(graph, reshape, "ReduceMin" if op == "min" else "ReduceMax", [local],
-                   f"{base}.all", taken, keepdims=0)
+    final = _add(graph, reshape, "ReduceMin" if op == "min" else "ReduceMax", [local],
+                 f"{base}.all", taken, after=True, keepdims=0)
     rank = len(out.shape) if out.shape is not None else 0
     if rank:  # a keep-dims reduction: its [1, ..., 1] shape again
         ones = _const(graph, f"{base}.shape", np.ones(rank, np.int64), taken)
-        final = _after(graph, final.producer(), "Reshape", [final, ones], f"{base}.keep", taken)
+        final = _add(graph, final.producer(), "Reshape", [final, ones], f"{base}.keep", taken,
+                     after=True)
     for use in list(out.uses()):
         if use.node is not reshape:
             use.node.replace_input_with(use.idx, final)
     return reshape.name
-
-
-def _after(graph, anchor: ir.Node, op: str, inputs, name: str, taken, **attrs) -> ir.Value:
-    out = ir.Value(name=unique_name(graph, name, taken))
-    node = ir.node(op, list(inputs), attributes=attrs, outputs=[out],
-                   name=unique_name(graph, f"{name}.node", taken))
-    graph.insert_after(anchor, mark(node, PASS))
-    return out
 
 
 def _masked_lookup(graph, node: ir.Node, rows, slices, taken) -> str:
