@@ -24,6 +24,7 @@ import torch
 from torch import fx
 
 from .analysis import op_name
+from .fx import get_tensor
 from .kind import Graph, kind
 
 __all__ = ["AttentionSite", "AttentionSummary", "attention_sites", "summarize", "triangular"]
@@ -137,12 +138,9 @@ def _fx_causal_mask(gm: fx.GraphModule, mask: fx.Node) -> bool:
             isinstance(a, fx.Node) and _from_arange(a) for a in node.args[:2]
         ):
             return True
-        if node.op == "get_attr":
-            value = gm
-            for part in node.target.split("."):
-                value = getattr(value, part, None)
-            if isinstance(value, torch.Tensor) and triangular(value.detach().cpu().numpy()):
-                return True
+        value = get_tensor(gm, node)
+        if value is not None and triangular(value.detach().cpu().numpy()):
+            return True
         stack.extend(node.all_input_nodes)
     return False
 
