@@ -46,6 +46,7 @@ from graphpress.passes import (
 )
 from graphpress.passes.distill import DistillResult, distill
 from graphpress.passes.partition import shard, tensor_parallel_plan, to_torch_plan
+from graphpress.passes.quantize.qat import convert_qat, prepare_qat
 
 __version__ = "0.1.0"
 
@@ -70,6 +71,7 @@ __all__ = [
     "VerificationError",
     "ChannelGroup", "ChannelUse", "capture", "channel_groups",
     "clone",
+    "convert_qat",
     "diff",
     "distill",
     "estimate_memory",
@@ -80,6 +82,7 @@ __all__ = [
     "load",
     "optimize",
     "passes",
+    "prepare_qat",
     "save",
     "shard",
     "summary",

@@ -52,7 +52,7 @@ _NORMS = {_aten.batch_norm.default, _aten._native_batch_norm_legit_no_training.d
           _aten._native_batch_norm_legit.default, _aten.native_batch_norm.default}
 _FOLD_MARKS = {"fold-batchnorm", "bnfold"}  # provenance, name tag
 _PASS_MARKS = {"factor-low-rank", "sparsify", "prune-channels", "fold-pruned", "insert-qdq",
-               "quantize-weights", "quantize-ternary", "quantize-dynamic", *_FOLD_MARKS}
+               "quantize-weights", "quantize-ternary", "quantize-dynamic", "prepare-qat", *_FOLD_MARKS}
 _CONVS = {_aten.conv1d.default, _aten.conv2d.default, _aten.conv3d.default,
           _aten.convolution.default, _aten.conv1d.padding, _aten.conv2d.padding,
           _aten.conv3d.padding}

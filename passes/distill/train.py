@@ -17,7 +17,7 @@ import itertools
 import logging
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -25,6 +25,7 @@ from torch import fx
 
 from graphpress.graph.errors import PreconditionError, UnsupportedGraphError
 
+from ..quantize.qat import convert_qat, is_prepared, prepare_qat
 from ._checkpoint import RunState, load_checkpoint, save_checkpoint
 from ._config import DistillConfig
 from ._data import check_reiterable, select_output, split_batch, to_device
@@ -68,7 +69,8 @@ def distill(teacher: fx.GraphModule, student: fx.GraphModule, batches: Iterable[
             max_grad_norm: float | None = 1.0, eval_batches: Iterable[Any] | None = None,
             eval_every: int | None = None, seed: int = 0,
             checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 50,
-            freeze: Sequence[str] | str = (), progress: bool = False) -> DistillResult:
+            freeze: Sequence[str] | str = (), progress: bool = False, qat: bool = False,
+            learn_scales: bool = False) -> DistillResult:
     """Heal ``student`` by distilling ``teacher`` into it on ``batches``; return a new student.
 
     * ``loss``: ``"kd"`` (``T²·KL`` of logits softened by ``temperature``), ``"cosine"`` or
@@ -97,6 +99,11 @@ def distill(teacher: fx.GraphModule, student: fx.GraphModule, batches: Iterable[
       exists the run resumes from it and ends as an uninterrupted run would.
     * ``freeze``: fnmatch patterns of constants kept fixed (:mod:`._trainable` has the rules);
       ``seed`` seeds a forked RNG; ``progress=True`` shows a tqdm bar.
+    * ``qat=True``: quantization-aware training of a quantized student
+      (:func:`~graphpress.passes.quantize.qat.prepare_qat`: float master weights behind
+      straight-through fake-quant, LSQ scales with ``learn_scales=True``); the returned student
+      is converted back (``convert_qat``) to the structure the quantization pass emitted, so it
+      exports to the same ONNX. A student that is already prepared trains as it is.
 
     Raises :class:`PassSpecError` for invalid options, :class:`PreconditionError` for data or
     graphs that cannot be trained as asked, :class:`UnsupportedGraphError` for non-FX models.
@@ -116,11 +123,14 @@ def distill(teacher: fx.GraphModule, student: fx.GraphModule, batches: Iterable[
     check_reiterable(batches, 1 if steps is not None else epochs)
     if eval_batches is not None:
         check_reiterable(eval_batches, 2, "eval_batches")
+    if qat and not is_prepared(student):
+        student = prepare_qat(student, learn_scales=learn_scales)
     first = next(itertools.chain(student.parameters(), student.buffers()), None)
     cuda = [first.device.index or 0] if first is not None and first.is_cuda else []
     with torch.random.fork_rng(devices=cuda):  # the caller's RNG state is left as it was
         torch.manual_seed(seed)
-        return _Run(teacher, student, batches, eval_batches, checkpoint, config).train()
+        result = _Run(teacher, student, batches, eval_batches, checkpoint, config).train()
+    return replace(result, student=convert_qat(result.student)) if qat else result
 
 
 class _Run:

@@ -7,8 +7,12 @@ IR-free math (scales, zero points, rounding, SmoothQuant factors) is in ``_qpara
 from __future__ import annotations
 
 from .dynamic import QuantizeDynamic
+from .qat import convert_qat, prepare_qat
 from .static import InsertQDQ
 from .ternary import QuantizeTernary
 from .weights import QuantizeWeights
 
-__all__ = ["QuantizeDynamic", "InsertQDQ", "QuantizeTernary", "QuantizeWeights"]
+__all__ = [
+    "QuantizeDynamic", "InsertQDQ", "QuantizeTernary", "QuantizeWeights", "convert_qat",
+    "prepare_qat",
+]
