@@ -36,7 +36,7 @@ def random_instance(rng: random.Random, n: int):
 
 def test_optimal_against_every_contiguous_split():
     rng, checked = random.Random(0), 0
-    for _ in range(1500):
+    for _ in range(600):
         n = rng.randint(1, 10)
         costs, boundary = random_instance(rng, n)
         for stages in range(1, allowed_cuts(boundary) + 2):
@@ -49,7 +49,7 @@ def test_optimal_against_every_contiguous_split():
             assert all(math.isfinite(boundary[j]) for j in plan.cuts)
             assert len(plan.cuts) == stages - 1 and list(plan.cuts) == sorted(set(plan.cuts))
             checked += 1
-    assert checked > 3000
+    assert checked > 1200
 
 
 def test_float_costs_are_optimal_within_rounding():
