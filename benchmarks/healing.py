@@ -49,7 +49,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, markdown_table, start_run, write  # noqa: E402
-from _eval import cosine_rows, session  # noqa: E402
+from _eval import cosine_rows, model_bytes, session  # noqa: E402
 
 logger = logging.getLogger("benchmarks.healing")
 
@@ -178,8 +178,8 @@ def minilm_rows(quick: bool) -> list[dict]:
             healed, done, losses = heal(teacher, student, train, steps, quantized and qat)
             seconds = time.perf_counter() - start
             after = cosine_rows(reference, pooled(healed, evaluation))
-            ort, diff = ort_check(healed, evaluation, evaluation[0],
-                                  work / f"student{len(rows)}.onnx")
+            path = work / f"student{len(rows)}.onnx"
+            ort, diff = ort_check(healed, evaluation, evaluation[0], path)
             after_ort = cosine_rows(reference, ort)
             row.update(cos_before=float(before.mean()), min_before=float(before.min()),
                        cos_after=float(after.mean()), min_after=float(after.min()),
@@ -189,7 +189,8 @@ def minilm_rows(quick: bool) -> list[dict]:
                        loss_last=float(np.mean(losses[-10:])),
                        ort_max_abs_diff=diff, compress_seconds=result.report.seconds,
                        mb=gp.graph.measure(student).bytes / 1e6,
-                       mb_after=gp.graph.measure(healed).bytes / 1e6)
+                       mb_after=gp.graph.measure(healed).bytes / 1e6,
+                       onnx_mb=model_bytes(path) / 1e6)
         except Exception as exc:  # a failing student is a result too
             row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         rows.append(row)
@@ -236,7 +237,9 @@ def cnn_rows(quick: bool) -> tuple[list[dict], bool]:
         with torch.no_grad():
             fx_logits = graph(x[test]).numpy()
         return {"test_accuracy": float((logits.argmax(1) == y[test].numpy()).mean()),
-                "ort_max_abs_diff": float(np.abs(logits - fx_logits).max())}
+                "ort_max_abs_diff": float(np.abs(logits - fx_logits).max()),
+                "params_k": gp.graph.measure(graph).params / 1e3,
+                "onnx_kb": model_bytes(path) / 1e3}
 
     def heal_cnn(student, steps: int, **extra) -> tuple:
         start = time.perf_counter()
@@ -266,6 +269,22 @@ def cnn_rows(quick: bool) -> tuple[list[dict], bool]:
     return rows, qat
 
 
+def targets(rows: list[dict]) -> str:
+    """The issue's MiniLM targets, checked on ``rows``."""
+    healed = [r for r in rows if "cos_after" in r]
+    if not healed:
+        return ""
+    raised = all(r["cos_after_ort"] > r["cos_before"] for r in healed)
+    pruned = next((r for r in healed if "pruned" in r["student"]), None)
+    text = (f"\n\nTargets: healing raises every student's cosine (in ORT): "
+            f"{'yes' if raised else 'no'}")
+    if pruned is not None:
+        text += (f"; the 50%-pruned student reaches ≥ 0.97: "
+                 f"{'yes' if pruned['cos_after_ort'] >= 0.97 else 'no'} "
+                 f"({pruned['cos_after_ort']:.4f} in ORT)")
+    return text + "."
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer sentences and steps")
@@ -281,23 +300,27 @@ def main() -> None:
     total = time.perf_counter() - start
     settings = ", ".join(f"{k}={v}" for k, v in HEAL.items())
     stages = ", ".join(f"{lr:g} for {share:.0%}" for lr, share in STAGES)
-    columns = ["student", "mb", "mb_after", "cos_before", "min_before", "cos_after", "min_after",
-               "cos_after_ort", "min_after_ort", "ort_max_abs_diff", "steps", "seconds",
-               "seconds_per_step", "qat", "error"]
+    columns = ["student", "mb", "mb_after", "onnx_mb", "cos_before", "min_before", "cos_after",
+               "min_after", "cos_after_ort", "min_after_ort", "ort_max_abs_diff", "steps",
+               "seconds", "seconds_per_step", "qat", "error"]
     markdown = (
         "## Healing compressed graphs with graphpress.distill\n\n### all-MiniLM-L6-v2\n\n"
         f"Fixed shapes {BATCH}×{SEQ} tokens; cosine of mean-pooled sentence embeddings to the "
         f"fp32 FX teacher on {64 if args.quick else N_EVAL} "
         "disjoint stdlib sentences, before and after healing (FX) and after healing in ORT; "
-        "`ort_max_abs_diff`: token states ORT vs FX student. Healing: distill("
+        "`ort_max_abs_diff`: token states ORT vs FX student; `mb`: FX constant bytes before "
+        "and after healing, `onnx_mb`: the healed student's ONNX file. Healing: distill("
         f"{settings}, output = token states of the unpadded tokens, batch {BATCH}), "
         f"learning rate {stages} of the steps (one distill call each); "
         f"quantized students with qat={'True' if qat else 'unavailable'}. CPU, 2 threads, "
         "shared machine" + (" — **quick mode**" if args.quick else "") + ".\n\n"
-        + markdown_table(minilm, columns)
+        + markdown_table(minilm, columns) + targets(minilm)
         + "\n\n### Small CNN on scikit-learn digits (397 test images, accuracy in ORT)\n\n"
-        + markdown_table(cnn, ["variant", "test_accuracy", "ort_max_abs_diff", "steps",
-                               "seconds"])
+        + f"Healing: distill({', '.join(f'{k}={v}' for k, v in CNN_HEAL.items())}) on the "
+        "1344 training images in batches of 64; `ort_max_abs_diff`: logits ORT vs FX (int8: "
+        "ORT's integer kernels round activations where the FX graph computes in float).\n\n"
+        + markdown_table(cnn, ["variant", "params_k", "onnx_kb", "test_accuracy",
+                               "ort_max_abs_diff", "steps", "seconds"])
         + f"\n\nTotal wall time {total:.0f} s.")
     paths = write("healing" + ("-quick" if args.quick else ""),
                   {"machine": machine(), "quick": args.quick, "heal": HEAL, "stages": STAGES,
