@@ -202,25 +202,11 @@ def minilm_rows(quick: bool) -> list[dict]:
 
 def cnn_rows(quick: bool) -> tuple[list[dict], bool]:
     import torch
-    from pruning import SmallCNN  # the pruning benchmark's net, trained the same way
-    from sklearn.datasets import load_digits
+    from pruning import trained_digits_cnn  # the pruning benchmark's net, trained the same way
 
     import graphpress as gp
 
-    digits = load_digits()
-    x = torch.tensor(digits.images[:, None] / 16.0, dtype=torch.float32)
-    y = torch.tensor(digits.target)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    train, test = perm[:1400], perm[1400:]
-    torch.manual_seed(0)
-    net = SmallCNN.build()
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    for _ in range(3 if quick else 8):
-        for i in range(0, len(train), 64):
-            idx = train[i:i + 64]
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
-            opt.step()
+    net, x, y, train, test, _ = trained_digits_cnn(quick)
     net.eval()
     dim = torch.export.Dim("batch", min=1, max=4096)
     teacher = gp.capture(net, (x[:8],), dynamic_shapes=({0: dim},))

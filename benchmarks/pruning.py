@@ -125,11 +125,11 @@ class SmallCNN:
         return Net()
 
 
-def cnn_rows(quick: bool) -> list[dict]:
+def trained_digits_cnn(quick: bool):
+    """``(net, x, y, train, test, seconds)``: SmallCNN trained on scikit-learn's digits with a
+    fixed split (1400 train / 397 test) and seed; ``net`` is left in train mode."""
     import torch
     from sklearn.datasets import load_digits
-
-    import graphpress as gp
 
     digits = load_digits()
     x = torch.tensor(digits.images[:, None] / 16.0, dtype=torch.float32)
@@ -146,7 +146,15 @@ def cnn_rows(quick: bool) -> list[dict]:
             opt.zero_grad()
             torch.nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
             opt.step()
-    train_s = time.perf_counter() - start
+    return net, x, y, train, test, time.perf_counter() - start
+
+
+def cnn_rows(quick: bool) -> list[dict]:
+    import torch
+
+    import graphpress as gp
+
+    net, x, y, train, test, train_s = trained_digits_cnn(quick)
     net.eval()
     batch = torch.export.Dim("batch", min=1, max=4096)
     gm = gp.capture(net, (x[:8],), dynamic_shapes=({0: batch},))
