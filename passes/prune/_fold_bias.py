@@ -22,9 +22,10 @@ from graphpress.graph.fx import add_tensor, get_tensor, mark
 from graphpress.graph.onnx import add_initializer, unique_name
 from graphpress.graph.onnx import mark as mark_onnx
 
-from .._rewrite import onnx_const
+from .._rewrite import drop_unused_constants, onnx_const, remove_dead_fx
 
-__all__ = ["contribution", "fx_consumer", "onnx_consumer", "add_bias_fx", "add_bias_onnx"]
+__all__ = ["contribution", "fx_consumer", "onnx_consumer", "add_bias_fx", "add_bias_onnx",
+           "apply_bias_deltas"]
 
 logger = logging.getLogger(__name__)
 
@@ -156,3 +157,23 @@ def add_bias_onnx(model: ir.Model, node: ir.Node, delta: np.ndarray, pass_name: 
             new_out.name = keep
             graph.outputs[i] = new_out
     return []
+
+
+def apply_bias_deltas(graph, shrinker, deltas: dict, pass_name: str) -> None:
+    """Add ``delta`` to the bias of every consumer in ``deltas`` = ``{node: (use, out_axis,
+    delta over the ORIGINAL output channels)}``, once the groups are shrunk: the delta loses the
+    rows the consumer's weight lost (another group may have pruned its outputs), and the bias
+    it joins, or the one it becomes, inherits the old bias's name for later shrinking."""
+    for node, (use, out_axis, delta) in deltas.items():
+        delta = np.delete(np.asarray(delta, np.float64), shrinker.removed(use, out_axis))
+        if isinstance(node, fx.Node):
+            index = 0 if node.target is _aten.addmm.default else 2
+            old = node.args[index] if len(node.args) > index else None
+            new = add_bias_fx(graph, node, delta, pass_name)
+            if isinstance(old, fx.Node):
+                shrinker.origin[new] = shrinker.origin.get(old, old.target)
+                remove_dead_fx(graph, [old])
+        else:
+            for old, new in add_bias_onnx(graph, node, delta, pass_name, shrinker.taken):
+                new.meta["prune.origin"] = old.meta.get("prune.origin", old.name)
+                drop_unused_constants([old])

@@ -204,6 +204,10 @@ class IndexLedger:
         history = {**record, axis: np.sort(np.concatenate([prev, removed]))}
         return np.setdiff1d(np.arange(dim), current).astype(np.int64), history
 
+    def removed(self, source: str, axis: int) -> np.ndarray:
+        """Original indices removed so far along ``axis`` of the constant ``source``."""
+        return self._removed.get(source, {}).get(axis, np.zeros(0, np.int64))
+
     def adopt(self, new: str, history: dict[int, np.ndarray]) -> None:
         """``new`` (the sliced copy of a constant) carries ``history`` from :meth:`keep`."""
         self._removed[new] = history

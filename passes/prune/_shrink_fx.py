@@ -93,6 +93,35 @@ class FxShrinker:
             return None
         return node.args[index].name, axis
 
+    def removed(self, use, axis: int) -> np.ndarray:
+        """Original indices removed so far along ``axis`` of the constant ``use`` reads."""
+        found = self._constant(self.node(use.node), use.tensor) if use.tensor else None
+        return self.ledger.removed(found[1].target, axis) if found else np.zeros(0, np.int64)
+
+    def sole_reader(self, use) -> bool:
+        """Whether the constant of ``use`` is read by the use's node alone (not tied)."""
+        node = self.node(use.node)
+        found = self._constant(node, use.tensor) if use.tensor else None
+        if found is None:
+            return False
+        owner, attr = found
+        aliases = [n for n in self.gm.graph.nodes if n.op == "get_attr" and n.target == attr.target]
+        return (len(aliases) == 1 and list(attr.users) == [owner]
+                and (owner is node or list(owner.users) == [node]))
+
+    def replace(self, use, array: np.ndarray) -> None:
+        """Make the use's node read a NEW constant ``<origin>.refit`` holding ``array`` (same
+        shape as the old one) instead of its constant; later shrinking finds it by origin."""
+        owner, attr = self._constant(self.node(use.node), use.tensor)
+        origin = self.origin.get(attr, attr.target)
+        value = torch.from_numpy(np.ascontiguousarray(array)).to(get_tensor(self.gm, attr).dtype)
+        with self.gm.graph.inserting_before(attr):
+            new = mark(self.gm.graph.get_attr(add_tensor(self.gm, f"{origin}.refit", value)),
+                       self.pass_name)
+        self.origin[new] = origin
+        owner.replace_input_with(attr, new)
+        self.stale[attr] = None
+
     def shrink(self, group, keep_units) -> None:
         """Remove every unit of ``group`` not in ``keep_units`` from all its uses."""
         made: dict[tuple[fx.Node, int, int], fx.Node] = {}

@@ -115,6 +115,36 @@ class OnnxShrinker:
             return node.inputs[0].name, 1
         return None
 
+    def removed(self, use, axis: int) -> np.ndarray:
+        """Original indices removed so far along ``axis`` of the constant ``use`` reads."""
+        found = self._input(self.node(use.node), use.tensor) if use.tensor else None
+        return (self.ledger.removed(found[0].inputs[found[1]].name, axis) if found
+                else np.zeros(0, np.int64))
+
+    def sole_reader(self, use) -> bool:
+        """Whether the constant of ``use`` is read by the use's node alone (not tied)."""
+        node = self.node(use.node)
+        found = self._input(node, use.tensor) if use.tensor else None
+        if found is None:
+            return False
+        owner, index = found
+        value = owner.inputs[index]
+        return (len(value.uses()) == 1 and not value.is_graph_output()
+                and (owner is node or [u.node for u in owner.outputs[0].uses()] == [node]))
+
+    def replace(self, use, array: np.ndarray) -> None:
+        """Make the use's node read a NEW initializer ``<origin>.refit`` holding ``array``
+        (same shape) instead of its constant; later shrinking finds it by origin."""
+        owner, index = self._input(self.node(use.node), use.tensor)
+        value = owner.inputs[index]
+        origin = value.meta.get("prune.origin", value.name)
+        new = add_initializer(self.graph, f"{origin}.refit",
+                              np.ascontiguousarray(array).astype(onnx_const(value).dtype),
+                              self.pass_name, self.taken)
+        new.meta["prune.origin"] = origin
+        owner.replace_input_with(index, new)
+        self.stale[value] = None
+
     def shrink(self, group, keep_units) -> None:
         """Remove every unit of ``group`` not in ``keep_units`` from all its uses."""
         size = group.size

@@ -32,7 +32,7 @@ from graphpress.graph.analysis import measure, op_name
 from .._rewrite import drop_unused_constants, remove_dead_fx, require_canonical
 from ..base import Pass, PassResult
 from ..registry import register
-from ._fold_bias import add_bias_fx, add_bias_onnx, contribution, fx_consumer, onnx_consumer
+from ._fold_bias import apply_bias_deltas, contribution, fx_consumer, onnx_consumer
 from ._fold_map import add_ones_channel_fx, add_ones_channel_onnx
 from ._shrink_fx import FxShrinker
 from ._shrink_onnx import OnnxShrinker
@@ -93,7 +93,7 @@ class FoldPruned(Pass):
                 plans.append(plan)
         wanted = sorted({c[1] for p in plans if p[2].any() for c in p[3] if c[1] is not None})
         values = example_values(graph, wanted) if wanted else {}
-        deltas: dict[object, np.ndarray] = {}  # consumer -> bias increment
+        deltas: dict[object, tuple] = {}  # consumer -> (use, out axis, bias increment)
         maps: dict[object, np.ndarray] = {}  # padded convolution -> ones-channel kernel
         rows, removed = [], 0
         for group, dead, constant, consumers in plans:
@@ -109,17 +109,20 @@ class FoldPruned(Pass):
                                         for u in np.flatnonzero(fold)])
                 k = self._constants(values[target], axis, chans)
                 padded = padded and bool(np.any(k != 0))  # zeros need nothing
-                sink = maps if padded else deltas
                 node = shrinker.node(use.node)
-                sink[node] = sink.get(node, 0) + contribution(
-                    weight, use.axis % weight.ndim, out_axis, chans, k, spatial=padded)
+                change = contribution(weight, use.axis % weight.ndim, out_axis, chans, k,
+                                      spatial=padded)
+                if padded:
+                    maps[node] = maps.get(node, 0) + change
+                else:
+                    deltas[node] = (use, out_axis, deltas[node][2] + change if node in deltas
+                                    else change)
             keep = np.flatnonzero(~ok)
             plans_row = {"layer": group.name, "kind": group.kind, "size": group.size,
                          "kept": len(keep) * group.unit, "dead": int((ok & dead).sum()),
                          "folded": int(fold.sum())}
             rows.append((group, keep, plans_row))
             removed += int(ok.sum())
-        self._apply_biases(graph, shrinker, deltas)
         for node, kernel in maps.items():
             if isinstance(node, fx.Node):
                 old, new = add_ones_channel_fx(graph, node, kernel, self.name)
@@ -131,6 +134,7 @@ class FoldPruned(Pass):
                 drop_unused_constants([old])
         for group, keep, _ in rows:  # Rule 5
             shrinker.shrink(group, keep)
+        apply_bias_deltas(graph, shrinker, deltas, self.name)  # sliced like their consumers
         if rows:
             shrinker.finish()
         stats = {"groups_pruned": len(rows), "units_removed": removed,
@@ -193,17 +197,3 @@ class FoldPruned(Pass):
         if not np.all(np.isfinite(x)) or np.any(spread > 1e-5 * np.maximum(np.abs(k), 1.0)):
             return None
         return k
-
-    def _apply_biases(self, graph, shrinker, deltas) -> None:
-        for node, delta in deltas.items():
-            if isinstance(node, fx.Node):
-                old = node.args[0 if op_name(node) == "aten.addmm" else 2] if len(
-                    node.args) > 2 else None
-                new = add_bias_fx(graph, node, delta, self.name)
-                if isinstance(old, fx.Node):
-                    shrinker.origin[new] = shrinker.origin.get(old, old.target)
-                    remove_dead_fx(graph, [old])
-            else:
-                for old, new in add_bias_onnx(graph, node, delta, self.name, shrinker.taken):
-                    new.meta["prune.origin"] = old.meta.get("prune.origin", old.name)
-                    drop_unused_constants([old])

@@ -131,6 +131,34 @@ def test_mlp_zero_rows_and_columns_fold_exactly(h, ir_kind):
     assert not FoldPruned()(graph).modified  # nothing left to fold
 
 
+class BiasLess(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(10, 32), nn.Linear(32, 24, bias=False)
+        self.fc3 = nn.Linear(24, 3)
+
+    def forward(self, x):
+        return self.fc3(torch.tanh(self.fc2(torch.sigmoid(self.fc1(x)))))
+
+
+@pytest.mark.parametrize("ir_kind", ["fx", "onnx"])
+def test_new_bias_of_a_consumer_whose_outputs_also_go(h, ir_kind):
+    """fc2 has no bias: folding fc1's constant neurons gives it one, while fc2's zero rows
+    go in the same call; the new bias must lose those rows too."""
+    torch.manual_seed(0)
+    model = BiasLess().eval()
+    with torch.no_grad():
+        model.fc1.weight[0:4] = 0  # constant sigmoid(b): folded into a new fc2 bias
+        model.fc2.weight[5:8] = 0  # zero rows: tanh(0 + folded bias) is a constant
+    x = torch.randn(7, 10)
+    graph = h.graph_of(model, x, ir_kind)
+    expected = model(x).detach().numpy()
+    result = FoldPruned()(graph)
+    verify(graph)
+    assert result.stats["units_removed"] == 7 and result.stats["biases_folded"] == 2
+    np.testing.assert_allclose(h.run_graph(graph, x), expected, rtol=1e-5, atol=1e-6)
+
+
 def _ln_pruned_mlp():
     torch.manual_seed(1)
     model = MLP().eval()
