@@ -30,6 +30,8 @@ from .._rewrite import require_canonical
 from ..base import Pass, PassResult
 from ..calibrate import CalibrationTable
 from ..registry import register
+from ..quantize._gptq import InputStats
+from ._fold_bias import apply_bias_deltas
 from ._importance import (
     ChannelStats,
     activation_scores,
@@ -37,6 +39,7 @@ from ._importance import (
     magnitude_scores,
     select_units,
 )
+from ._reconstruct import refit_consumers, refit_sites
 from ._shrink_fx import FxShrinker
 from ._shrink_onnx import OnnxShrinker
 from ._taylor import taylor_fx
@@ -69,12 +72,17 @@ class PruneChannels(Pass):
          ranking of mean-normalised scores per kind; then rounded up (per group) or to the
          nearest (global) multiple of ``round_to`` (heads: whole heads, no rounding); at
          least one unit always stays.
+      3b. With ``reconstruct``: every linear consumer of a pruned group (2-D float weight,
+         not tied, reading exactly the group's channels) gets its kept columns and a bias
+         increment refit by least squares to its unpruned output on the calibration batches,
+         damped towards the plain cut by ``damping`` (``_reconstruct``); the per-layer rows
+         report the calibration error left, as a ratio to the plain cut's.
       4. Every use of the group is sliced to the kept units into NEW constants
          (``<tensor>.prune``); reshape targets and head counts scale by ``kept/size``; the
          graph's inputs and outputs keep their shapes.
 
-    **Requires** an aten-dialect FX graph or ONNX; calibration batches for ``activation`` and
-    ``taylor``. **Ensures** the graph interface is unchanged and parameters do not grow.
+    **Requires** an aten-dialect FX graph or ONNX; calibration batches for ``activation``,
+    ``taylor`` and ``reconstruct``. **Ensures** the graph interface is unchanged and parameters do not grow.
     """
 
     name: ClassVar[str] = "prune-channels"
@@ -85,6 +93,8 @@ class PruneChannels(Pass):
     round_to: int = 8
     global_ranking: bool = False
     exclude: tuple[str, ...] = ()
+    reconstruct: bool = False
+    damping: float = 1e-3
     loss: Callable[[Any, Any], Any] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -93,6 +103,9 @@ class PruneChannels(Pass):
                                 "fraction of units removed, e.g. ratio=0.5)")
         if self.round_to < 1:
             raise PassSpecError(f"prune-channels: round_to={self.round_to} must be ≥ 1")
+        if not self.damping >= 0:
+            raise PassSpecError(f"prune-channels: damping={self.damping} must be ≥ 0 (the "
+                                "reconstruction's ridge relative to mean(diag XᵀX), e.g. 0.001)")
 
     def requires(self, graph) -> None:
         require_canonical(graph)
@@ -124,15 +137,19 @@ class PruneChannels(Pass):
 
     def _run(self, graph, shrinker, calibration: Any) -> PassResult:
         start = time.perf_counter()
-        needs_data = self.importance in ("activation", "taylor")
+        needs_data = self.importance in ("activation", "taylor") or self.reconstruct
         if needs_data and (calibration is None or isinstance(calibration, CalibrationTable)):
+            wants = "reconstruct=true" if self.reconstruct else f"importance={self.importance}"
             raise PreconditionError(
-                f"prune-channels: importance={self.importance} needs calibration batches (raw "
-                "inputs, not a CalibrationTable): optimize(graph, passes, calibration=batches), "
-                "or use importance=l1")
+                f"prune-channels: {wants} needs calibration batches (raw inputs, not a "
+                "CalibrationTable): optimize(graph, passes, calibration=batches), or use "
+                "importance=l1 without reconstruct")
         params_before = measure(graph).params
         groups = self._groups(graph) if self.ratio > 0 else []  # ratio 0: nothing to do
-        scores = self._scores(graph, shrinker, groups, calibration)
+        sites = [refit_sites(shrinker, g) if self.reconstruct else [] for g in groups]
+        grams = {name: InputStats(width, max_rows=0) for found in sites
+                 for _, name, width in found}
+        scores = self._scores(graph, shrinker, groups, calibration, grams)
         keeps: list[np.ndarray | None] = [None] * len(groups)
         for group_kind in dict.fromkeys(g.kind for g in groups):  # Rule 3: one ranking per kind
             index = [i for i, g in enumerate(groups) if g.kind == group_kind]
@@ -141,26 +158,40 @@ class PruneChannels(Pass):
                                   global_ranking=self.global_ranking)
             for i, keep in zip(index, chosen):
                 keeps[i] = keep
-        rows, removed, pruned = [], 0, 0
-        for group, score, keep in zip(groups, scores, keeps):
-            units = group.size // group.unit
-            if keep is None or len(keep) == units:
-                continue
+        rows, removed, deltas, ratios = [], 0, {}, []
+        chosen = [(g, s, k, f) for g, s, k, f in zip(groups, scores, keeps, sites)
+                  if k is not None and len(k) < g.size // g.unit]
+        for group, score, keep, found in chosen:
+            units, total = group.size // group.unit, float(score.sum())
+            row = {"layer": group.name, "kind": group.kind, "size": group.size,
+                   "kept": len(keep) * group.unit, "units": units, "units_kept": len(keep),
+                   "importance": float(score[keep].sum()) / total if total > 0 else 1.0}
+            if self.reconstruct:  # Rule 3b, on the unsliced weights
+                refits = refit_consumers(shrinker, group, keep, found, grams, self.damping,
+                                         deltas)
+                ratios += refits
+                row["refit"] = len(refits)
+                if refits:
+                    row["refit_error_ratio"] = float(np.mean(refits))
+            rows.append(row)
+            removed += units - len(keep)
+        for group, _score, keep, _found in chosen:
             shrinker.shrink(group, keep)  # Rule 4
-            pruned, removed = pruned + 1, removed + units - len(keep)
-            total = float(score.sum())
-            rows.append({"layer": group.name, "kind": group.kind, "size": group.size,
-                         "kept": len(keep) * group.unit, "units": units, "units_kept": len(keep),
-                         "importance": float(score[keep].sum()) / total if total > 0 else 1.0})
+        apply_bias_deltas(graph, shrinker, deltas, self.name)
+        pruned = len(chosen)
         if pruned:
             shrinker.finish()
         stats = {"groups_pruned": pruned, "units_removed": removed, "groups_in_scope": len(groups),
                  "params_before": params_before, "params_after": measure(graph).params,
                  "seconds": time.perf_counter() - start}
+        if self.reconstruct:
+            stats["consumers_refit"] = len(ratios)
+            if ratios:
+                stats["refit_error_ratio_mean"] = float(np.mean(ratios))
         return PassResult(graph, pruned > 0, stats, layers=tuple(rows))
 
-    def _scores(self, graph, shrinker, groups, calibration) -> list[np.ndarray]:
-        """Rule 2: one score per unit of every group."""
+    def _scores(self, graph, shrinker, groups, calibration, grams) -> list[np.ndarray]:
+        """Rule 2: one score per unit of every group (and ``grams`` filled on the way)."""
         consumers = {}  # group index -> [(input name, axis, offset, column norms)]
         for i, group in enumerate(groups):
             found = []
@@ -171,7 +202,7 @@ class PruneChannels(Pass):
                     norms = channel_norms(w, use.axis % w.ndim, 2)
                     found.append((*target, use.offset, norms[use.offset: use.offset + group.size]))
             consumers[i] = found
-        stats = self._activation_stats(graph, consumers, calibration)
+        stats = self._activation_stats(graph, consumers, calibration, grams)
         scores = []
         for i, group in enumerate(groups):
             units = group.size // group.unit
@@ -192,15 +223,26 @@ class PruneChannels(Pass):
                           else np.ones(units))
         return scores
 
-    def _activation_stats(self, graph, consumers, calibration) -> dict[str, ChannelStats]:
-        if self.importance not in ("activation", "taylor"):
-            return {}
-        axes = {name: axis for found in consumers.values() for name, axis, _, _ in found}
-        stats = {name: ChannelStats(axis) for name, axis in axes.items()}
-        if not stats:
-            return {}
-        if self.importance == "taylor":
+    def _activation_stats(self, graph, consumers, calibration,
+                          grams: dict[str, InputStats]) -> dict[str, ChannelStats]:
+        """Channel statistics at the consumers' inputs for the scores, and the input Grams of
+        the consumers to refit, from one run over the calibration batches (Taylor scores
+        need their own run, with gradients)."""
+        stats: dict[str, ChannelStats] = {}
+        if self.importance in ("activation", "taylor"):
+            axes = {name: axis for found in consumers.values() for name, axis, _, _ in found}
+            stats = {name: ChannelStats(axis) for name, axis in axes.items()}
+        if self.importance == "taylor" and stats:
             taylor_fx(graph, calibration, stats, self.loss)
-        else:
-            collect(graph, calibration, sorted(stats), lambda n, a: stats[n].update(a))
+        scored = stats if self.importance == "activation" else {}
+
+        def consume(name: str, array: np.ndarray) -> None:
+            if name in scored:
+                scored[name].update(array)
+            if name in grams:
+                grams[name].update(array)
+
+        names = sorted({*scored, *grams})
+        if names:
+            collect(graph, calibration, names, consume)
         return stats

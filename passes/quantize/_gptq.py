@@ -39,10 +39,11 @@ logger = logging.getLogger(__name__)
 
 
 class InputStats:
-    """Running ``XᵀX``, row count, ``Σ|x|`` and a sample of at most ``max_rows`` rows."""
+    """Running ``XᵀX``, row count, ``Σx``, ``Σ|x|`` and a sample of at most ``max_rows`` rows."""
 
     def __init__(self, k: int, *, max_rows: int = 2048, need_hessian: bool = True) -> None:
         self.xtx = np.zeros((k, k)) if need_hessian else None
+        self.sum = np.zeros(k)
         self.abs_sum = np.zeros(k)
         self.rows = 0
         self.max_rows = max_rows
@@ -54,6 +55,7 @@ class InputStats:
         x = x[np.isfinite(x).all(axis=1)]
         if self.xtx is not None:
             self.xtx += x.T @ x
+        self.sum += x.sum(axis=0)
         self.abs_sum += np.abs(x).sum(axis=0)
         self.rows += x.shape[0]
         room = self.max_rows - self._sampled
@@ -66,6 +68,16 @@ class InputStats:
     @property
     def hessian(self) -> np.ndarray:
         return 2.0 * self.xtx / max(self.rows, 1)
+
+    def augmented_gram(self) -> np.ndarray:
+        """``Σ x̃x̃ᵀ`` over the rows, ``x̃ = [x; 1]``: ``[[XᵀX, Σx], [Σxᵀ, n]]``, ``(K+1)²``."""
+        if self.xtx is None:
+            raise ValueError("InputStats(need_hessian=False) keeps no XᵀX")
+        k = self.sum.shape[0]
+        gram = np.empty((k + 1, k + 1))
+        gram[:k, :k], gram[:k, k], gram[k, :k], gram[k, k] = (self.xtx, self.sum, self.sum,
+                                                              self.rows)
+        return gram
 
     @property
     def abs_mean(self) -> np.ndarray:
