@@ -10,12 +10,13 @@ from typing import Any
 
 from graphpress.graph.errors import PassSpecError
 
-__all__ = ["DistillConfig", "LOSSES", "OPTIMIZERS"]
+__all__ = ["DistillConfig", "LOSSES", "OPTIMIZERS", "SCHEDULES"]
 
 logger = logging.getLogger(__name__)
 
 LOSSES = ("kd", "cosine", "mse")
 OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULES = ("constant", "cosine", "linear")
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,8 @@ class DistillConfig:
     steps: int | None = None
     lr: float = 1e-4
     optimizer: str = "adamw"
+    schedule: str = "constant"
+    warmup: int = 0
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     eval_every: int | None = None
@@ -50,6 +53,12 @@ class DistillConfig:
         if self.optimizer not in OPTIMIZERS:
             raise PassSpecError(f"distill: unknown optimizer={self.optimizer!r}; use one of "
                                 f"{OPTIMIZERS}")
+        if self.schedule not in SCHEDULES:
+            raise PassSpecError(f"distill: unknown schedule={self.schedule!r}; use one of "
+                                f"{SCHEDULES} (the learning rate over the run)")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise PassSpecError(f"distill: warmup={self.warmup!r} must be an integer ≥ 0 (steps "
+                                "of linear learning-rate warm-up)")
         if not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0):
             raise PassSpecError(f"distill: alpha={self.alpha!r} must be in [0, 1] (the weight "
                                 "of the hard-label loss; 0 distils only)")
@@ -88,12 +97,26 @@ class DistillConfig:
                 raise PassSpecError(f"distill: feature pair {pair!r} is not a "
                                     "(teacher_node, student_node) pair of names or fx.Nodes")
 
+    def lr_at(self, step: int, total: int | None) -> float:
+        """The learning rate of optimiser step ``step`` (0-based) of a ``total``-step run:
+        ``lr·(step+1)/warmup`` during the warm-up, then with ``t = (step − warmup) / (total −
+        warmup)`` constant ``lr``, ``cosine`` ``lr·½(1 + cos πt)`` or ``linear`` ``lr·(1 − t)``."""
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        if self.schedule == "constant" or total is None:
+            return self.lr
+        t = min((step - self.warmup) / max(total - self.warmup, 1), 1.0)
+        if self.schedule == "cosine":
+            return self.lr * 0.5 * (1.0 + math.cos(math.pi * t))
+        return self.lr * (1.0 - t)
+
     def fingerprint(self) -> dict[str, Any]:
         """What must match for a checkpoint to continue this run."""
         return {"loss": self.loss, "temperature": float(self.temperature),
                 "alpha": float(self.alpha), "feature_weight": float(self.feature_weight),
                 "relation": bool(self.relation), "relation_weight": float(self.relation_weight),
                 "lr": float(self.lr), "optimizer": self.optimizer,
+                "schedule": self.schedule, "warmup": int(self.warmup),
                 "weight_decay": float(self.weight_decay), "seed": int(self.seed),
                 "features": "auto" if self.features == "auto" else
                 None if self.features is None else

@@ -65,8 +65,9 @@ class Session:
             return auto_pairs(teacher, student)
         return explicit_pairs(teacher, student, features)
 
-    def update(self, loss: torch.Tensor) -> None:
-        """One optimiser step on ``loss``; sparsified weights keep their zeros."""
+    def update(self, loss: torch.Tensor, lr: float) -> None:
+        """One optimiser step on ``loss`` at learning rate ``lr``; sparsified weights keep
+        their zeros."""
         if not loss.requires_grad:
             raise PreconditionError(
                 "distill: the loss does not depend on any trainable constant (no gradient "
@@ -78,12 +79,16 @@ class Session:
             self._checked = True
             dead = [n for n, p in self.trainable.params.items() if p.grad is None]
             if dead:
-                logger.warning("distill: %d of %d trainable constants get no gradient (e.g. "
-                               "behind quantize ops, which need quantization-aware training): "
-                               "%s", len(dead), len(self.trainable.params), ", ".join(dead[:8]))
+                logger.warning("distill: %d of %d trainable constants get no gradient: they "
+                               "do not reach the distilled output (e.g. a pooler when token "
+                               "states are distilled) or sit behind quantize ops, which need "
+                               "quantization-aware training (qat=True): %s", len(dead),
+                               len(self.trainable.params), ", ".join(dead[:8]))
         self.trainable.mask_gradients()
         if self.config.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.parameters, self.config.max_grad_norm)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         self.optimizer.step()
         self.trainable.apply_masks()
 

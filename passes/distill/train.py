@@ -65,7 +65,8 @@ def distill(teacher: fx.GraphModule, student: fx.GraphModule, batches: Iterable[
             features: Any = "auto", feature_weight: float = 0.1, relation: bool = False,
             relation_weight: float = 1.0, labels: Any = None, output: Any = None,
             epochs: int = 1, steps: int | None = None, lr: float = 1e-4,
-            optimizer: str = "adamw", weight_decay: float = 0.0,
+            optimizer: str = "adamw", schedule: str = "constant", warmup: int = 0,
+            weight_decay: float = 0.0,
             max_grad_norm: float | None = 1.0, eval_batches: Iterable[Any] | None = None,
             eval_every: int | None = None, seed: int = 0,
             checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 50,
@@ -88,8 +89,11 @@ def distill(teacher: fx.GraphModule, student: fx.GraphModule, batches: Iterable[
     * ``steps`` optimiser steps (cycling over ``batches``) or, without it, ``epochs`` passes;
       data read more than once must be re-iterable (a list, a DataLoader). Batches must have
       the shapes the graphs were captured with, unless captured with ``dynamic_shapes``.
-    * ``optimizer`` ``"adamw"``/``"adam"``/``"sgd"`` (momentum 0.9) at a constant ``lr``,
-      ``weight_decay``, gradient norm clipped to ``max_grad_norm`` (``None``: no clipping).
+    * ``optimizer`` ``"adamw"``/``"adam"``/``"sgd"`` (momentum 0.9), ``weight_decay``,
+      gradient norm clipped to ``max_grad_norm`` (``None``: no clipping); the learning rate
+      ``lr`` warms up linearly over ``warmup`` steps, then stays (``schedule="constant"``) or
+      decays to 0 at the last step (``"cosine"``, ``"linear"``; these need ``steps`` or sized
+      ``batches``). Every train row records its ``lr``.
     * ``eval_batches`` are evaluated before training, every ``eval_every`` steps and at the end
       (history rows ``kind="eval"``: ``loss``, ``cosine_mean``, ``cosine_min``, for ``kd``
       ``agreement``, with labels ``accuracy``); every step adds a ``kind="train"`` row with
@@ -112,6 +116,7 @@ def distill(teacher: fx.GraphModule, student: fx.GraphModule, batches: Iterable[
                            feature_weight=feature_weight, relation=relation,
                            relation_weight=relation_weight, labels=labels, output=output,
                            epochs=epochs, steps=steps, lr=lr, optimizer=optimizer,
+                           schedule=schedule, warmup=warmup,
                            weight_decay=weight_decay, max_grad_norm=max_grad_norm,
                            eval_every=eval_every, seed=seed, checkpoint_every=checkpoint_every,
                            freeze=freeze, progress=progress)
@@ -146,6 +151,11 @@ class _Run:
             self.batches = itertools.chain([first], iterator)
         self.session = Session(teacher, student, first, config)
         self.state = RunState()
+        self.total = config.steps if config.steps is not None else (
+            config.epochs * len(batches) if hasattr(batches, "__len__") else None)
+        if self.total is None and config.schedule != "constant":
+            raise PreconditionError(f"distill: schedule={config.schedule!r} needs the run's "
+                                    "length: pass steps=, or batches with a len()")
 
     def train(self) -> DistillResult:
         session, state, config = self.session, self.state, self.config
@@ -216,9 +226,10 @@ class _Run:
         check_outputs(z_s, z_t, self.config)
         terms = objective(z_s, z_t, labels, student_features, teacher_features,
                           session.projections, self.config)
-        session.update(terms["loss"])
+        lr = self.config.lr_at(state.step, self.total)
+        session.update(terms["loss"], lr)
         state.step += 1
-        return {"kind": "train", "step": state.step, "epoch": state.epoch,
+        return {"kind": "train", "step": state.step, "epoch": state.epoch, "lr": lr,
                 **{name: float(value.detach()) for name, value in terms.items()}}
 
     def _evaluate(self) -> None:

@@ -1,7 +1,8 @@
 """distill on FX graphs: the loss formulas against hand computation (T² scaling, α mixing,
 cosine, MSE, relation, feature), healing a low-rank-factored MLP (output cosine to the teacher
 before/after), hard labels, sparsified students keeping their zeros, checkpoint/resume equal
-to an uninterrupted run, the caller's graphs unchanged, and typed errors for bad arguments."""
+to an uninterrupted run (with a cosine learning-rate schedule), the schedules' learning rates,
+the caller's graphs unchanged, and typed errors for bad arguments."""
 
 from __future__ import annotations
 
@@ -205,8 +206,8 @@ def test_one_shot_iterator_is_read_once_with_every_batch():
 
 
 def test_checkpoint_resume_equals_an_uninterrupted_run(tmp_path, teacher, lowrank):
-    options = dict(loss="cosine", steps=20, lr=5e-3, checkpoint_every=5,
-                   eval_batches=_data(2, seed=9), eval_every=10)
+    options = dict(loss="cosine", steps=20, lr=5e-3, checkpoint_every=5, schedule="cosine",
+                   warmup=3, eval_batches=_data(2, seed=9), eval_every=10)
     batches = _data(8, seed=1)  # 20 steps cross two epoch boundaries
     straight = distill(teacher, lowrank, batches, **options)
 
@@ -243,18 +244,33 @@ def test_checkpoint_resume_equals_an_uninterrupted_run(tmp_path, teacher, lowran
         distill(teacher, lowrank, batches, checkpoint=path, **{**options, "lr": 1e-3})
 
 
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "linear"])
+def test_learning_rate_schedules_with_warmup(teacher, lowrank, schedule):
+    result = distill(teacher, lowrank, _data(4, seed=1), loss="mse", features=None, epochs=3,
+                     lr=2e-3, schedule=schedule, warmup=2)
+    rates = [r["lr"] for r in result.history if r["kind"] == "train"]
+    assert len(rates) == 12 and rates[:2] == pytest.approx([1e-3, 2e-3])
+    t = np.arange(10) / 10  # the 10 steps after the warm-up, of a 12-step run
+    expected = {"constant": np.full(10, 2e-3), "linear": 2e-3 * (1 - t),
+                "cosine": 1e-3 * (1 + np.cos(np.pi * t))}[schedule]
+    np.testing.assert_allclose(rates[2:], expected, rtol=1e-12)
+
+
 def test_bad_arguments_raise_typed_errors(teacher, lowrank):
     batches = _data(2, seed=1)
     for options, match in [({"loss": "kl"}, "unknown loss"), ({"alpha": 1.5}, "alpha"),
                            ({"alpha": -0.1}, "alpha"), ({"optimizer": "lion"}, "optimizer"),
                            ({"temperature": 0}, "temperature"), ({"epochs": 0}, "epochs"),
-                           ({"features": "all"}, "features"), ({"steps": 2.5}, "steps")]:
+                           ({"features": "all"}, "features"), ({"steps": 2.5}, "steps"),
+                           ({"schedule": "step"}, "schedule"), ({"warmup": -1}, "warmup")]:
         with pytest.raises(PassSpecError, match=match):
             distill(teacher, lowrank, batches, **options)
     with pytest.raises(PreconditionError, match="empty"):
         distill(teacher, lowrank, [])
     with pytest.raises(PreconditionError, match="one-shot"):
         distill(teacher, lowrank, iter(batches), epochs=2)
+    with pytest.raises(PreconditionError, match="schedule='cosine' needs the run's length"):
+        distill(teacher, lowrank, iter(batches), schedule="cosine")
     other = gp.capture(MLP(out=8).eval(), (torch.randn(32, 32),))
     with pytest.raises(PreconditionError, match="output.*differ"):
         distill(teacher, other, batches)
