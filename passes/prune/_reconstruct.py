@@ -20,8 +20,11 @@ it: ``Θ₀`` is feasible at no penalty, so the refit's calibration error is at 
 That error, ``e(Θ) = tr(W·G_CC·Wᵀ) − 2·tr(Θ·G_S,C·Wᵀ) + tr(Θ·G_SS·Θᵀ)``, is reported as the
 ratio ``e(Θ) / e(Θ₀)``.
 
-Only 2-D float weights that read the whole group (``offset 0``, ``C`` = the group's size) and
-nothing else are refit; convolutions, quantized and tied weights keep the plain cut.
+A 2-D ungrouped convolution is the same problem on its input patches (:mod:`._patches`):
+``x`` is a patch row of ``C·kh·kw`` values and removing a channel removes its ``kh·kw`` columns.
+Only float weights that read the whole group (``offset 0``, ``C`` = the group's size) and
+nothing else are refit; quantized and tied weights, grouped, transposed and 1-D/3-D
+convolutions keep the plain cut.
 """
 
 from __future__ import annotations
@@ -34,8 +37,9 @@ from torch import fx
 
 from ._fold_bias import fx_consumer, onnx_consumer
 from ._importance import unit_channels
+from ._patches import ConvGeometry, conv_geometry
 
-__all__ = ["Refit", "refit", "refit_sites", "refit_consumers"]
+__all__ = ["Refit", "Site", "refit", "refit_sites", "refit_consumers"]
 
 logger = logging.getLogger(__name__)
 
@@ -99,27 +103,51 @@ def _out_axis(node) -> int | None:
     return None if info is None else info[0]
 
 
-def refit_sites(shrinker, group) -> list[tuple[object, str, int]]:
-    """``(use, input name, input width)`` of the consumers of ``group`` that can be refit: a
-    linear layer whose 2-D float weight, read by it alone, has exactly the group's channels
+@dataclass(frozen=True)
+class Site:
+    """A consumer to refit: its ``"in"`` use, the value it reads, the key of its input
+    statistics (shared by linear layers reading one value; per node for convolutions), the
+    width of the rows those statistics see and, for a convolution, its geometry."""
+
+    use: object
+    input: str
+    key: str
+    width: int
+    geometry: ConvGeometry | None = None
+
+    def rows(self, array: np.ndarray) -> np.ndarray:
+        """The consumer's input as regression rows (patches for a convolution)."""
+        return array if self.geometry is None else self.geometry.patches(array)
+
+
+def refit_sites(shrinker, group) -> list[Site]:
+    """The consumers of ``group`` that can be refit: a linear layer, or a 2-D ungrouped
+    convolution, whose float weight is read by it alone and has exactly the group's channels
     along its input axis."""
     sites = []
     for use in group.uses:
         if use.role != "in" or use.offset != 0:
             continue
         array = shrinker.array(use)
-        if array is None or array.ndim != 2 or not np.issubdtype(array.dtype, np.floating):
+        if array is None or array.ndim < 2 or not np.issubdtype(array.dtype, np.floating):
             continue
-        out_axis, target = _out_axis(shrinker.node(use.node)), shrinker.consumer_input(use)
-        in_axis = use.axis % 2
+        node = shrinker.node(use.node)
+        out_axis, target = _out_axis(node), shrinker.consumer_input(use)
+        in_axis = use.axis % array.ndim
         if (out_axis is None or target is None or out_axis == in_axis
                 or array.shape[in_axis] != group.size or not shrinker.sole_reader(use)):
             continue
-        sites.append((use, target[0], group.size))
+        if array.ndim == 2:
+            sites.append(Site(use, target[0], target[0], group.size))
+            continue
+        geometry = conv_geometry(node, array)
+        if geometry is not None and (out_axis, in_axis) == (0, 1):
+            sites.append(Site(use, target[0], f"{target[0]}@{use.node}",
+                              group.size * geometry.taps, geometry))
     return sites
 
 
-def refit_consumers(shrinker, group, keep_units, sites, grams, damping: float,
+def refit_consumers(shrinker, group, keep_units, sites: list[Site], grams, damping: float,
                     deltas: dict) -> list[float]:
     """Refit every site of ``group`` for the kept units: the new weight replaces the old one
     (to be sliced by the shrink that follows) and ``Δ`` joins ``deltas`` (``{node: (use,
@@ -127,17 +155,23 @@ def refit_consumers(shrinker, group, keep_units, sites, grams, damping: float,
     error ratio of each refit consumer."""
     kept = unit_channels(keep_units, group.unit)
     ratios = []
-    for use, name, _width in sites:
-        stats = grams.get(name)
+    for site in sites:
+        stats = grams.get(site.key)
         if stats is None:
             continue
-        node = shrinker.node(use.node)
-        result = refit(shrinker.array(use), use.axis % 2, stats.augmented_gram(), kept, damping)
+        use, node = site.use, shrinker.node(site.use.node)
+        weight = shrinker.array(use)
+        if site.geometry is None:
+            matrix, in_axis, columns = weight, use.axis % 2, kept
+        else:  # [O, C, kh, kw] -> [O, C·kh·kw]: channel c owns columns c·taps … c·taps + taps-1
+            taps = site.geometry.taps
+            matrix, in_axis = weight.reshape(weight.shape[0], -1), 1
+            columns = (kept[:, None] * taps + np.arange(taps)[None, :]).reshape(-1)
+        result = refit(matrix, in_axis, stats.augmented_gram(), columns, damping)
         if result is None:
             continue
-        shrinker.replace(use, result.weight)
-        out_axis = _out_axis(node)
+        shrinker.replace(use, result.weight.reshape(weight.shape))
         previous = deltas[node][2] if node in deltas else 0.0
-        deltas[node] = (use, out_axis, previous + result.bias_delta)
+        deltas[node] = (use, _out_axis(node), previous + result.bias_delta)
         ratios.append(result.error_ratio)
     return ratios

@@ -7,7 +7,9 @@ column norms; Taylor ``|a·∂L/∂a|``), the kept units are chosen per group or
 kind, and every use of the group is sliced (``_shrink_fx``/``_shrink_onnx``): weights, biases,
 norm parameters, reshape targets. Dense, smaller tensors: ORT runs fewer FLOPs with no sparse
 kernels. Removing a unit is the same as zeroing its consumers' input columns, so the error
-of a pruned model is that of the masked one (before any healing).
+of a pruned model is that of the masked one (before any healing), unless ``reconstruct``
+refits the consumers by least squares on the calibration batches (``_reconstruct``):
+on all-MiniLM-L6-v2 with half the FFN neurons gone, embedding cosine 0.80 → 0.95.
 """
 
 from __future__ import annotations
@@ -72,11 +74,11 @@ class PruneChannels(Pass):
          ranking of mean-normalised scores per kind; then rounded up (per group) or to the
          nearest (global) multiple of ``round_to`` (heads: whole heads, no rounding); at
          least one unit always stays.
-      3b. With ``reconstruct``: every linear consumer of a pruned group (2-D float weight,
-         not tied, reading exactly the group's channels) gets its kept columns and a bias
-         increment refit by least squares to its unpruned output on the calibration batches,
-         damped towards the plain cut by ``damping`` (``_reconstruct``); the per-layer rows
-         report the calibration error left, as a ratio to the plain cut's.
+      3b. With ``reconstruct``: every linear or 2-D convolution consumer of a pruned group
+         (float weight, not tied, reading exactly the group's channels) gets its kept columns
+         and a bias increment refit by least squares to its unpruned output on the calibration
+         batches, damped towards the plain cut by ``damping`` (``_reconstruct``); the
+         per-layer rows report the calibration error left, as a ratio to the plain cut's.
       4. Every use of the group is sliced to the kept units into NEW constants
          (``<tensor>.prune``); reshape targets and head counts scale by ``kept/size``; the
          graph's inputs and outputs keep their shapes.
@@ -147,9 +149,9 @@ class PruneChannels(Pass):
         params_before = measure(graph).params
         groups = self._groups(graph) if self.ratio > 0 else []  # ratio 0: nothing to do
         sites = [refit_sites(shrinker, g) if self.reconstruct else [] for g in groups]
-        grams = {name: InputStats(width, max_rows=0) for found in sites
-                 for _, name, width in found}
-        scores = self._scores(graph, shrinker, groups, calibration, grams)
+        grams = {site.key: InputStats(site.width, max_rows=0) for found in sites
+                 for site in found}
+        scores = self._scores(graph, shrinker, groups, calibration, sites, grams)
         keeps: list[np.ndarray | None] = [None] * len(groups)
         for group_kind in dict.fromkeys(g.kind for g in groups):  # Rule 3: one ranking per kind
             index = [i for i, g in enumerate(groups) if g.kind == group_kind]
@@ -159,9 +161,9 @@ class PruneChannels(Pass):
             for i, keep in zip(index, chosen):
                 keeps[i] = keep
         rows, removed, deltas, ratios = [], 0, {}, []
-        chosen = [(g, s, k, f) for g, s, k, f in zip(groups, scores, keeps, sites)
-                  if k is not None and len(k) < g.size // g.unit]
-        for group, score, keep, found in chosen:
+        cuts = [(g, s, k, f) for g, s, k, f in zip(groups, scores, keeps, sites)
+                if k is not None and len(k) < g.size // g.unit]
+        for group, score, keep, found in cuts:
             units, total = group.size // group.unit, float(score.sum())
             row = {"layer": group.name, "kind": group.kind, "size": group.size,
                    "kept": len(keep) * group.unit, "units": units, "units_kept": len(keep),
@@ -175,10 +177,10 @@ class PruneChannels(Pass):
                     row["refit_error_ratio"] = float(np.mean(refits))
             rows.append(row)
             removed += units - len(keep)
-        for group, _score, keep, _found in chosen:
+        for group, _score, keep, _found in cuts:
             shrinker.shrink(group, keep)  # Rule 4
         apply_bias_deltas(graph, shrinker, deltas, self.name)
-        pruned = len(chosen)
+        pruned = len(cuts)
         if pruned:
             shrinker.finish()
         stats = {"groups_pruned": pruned, "units_removed": removed, "groups_in_scope": len(groups),
@@ -190,7 +192,7 @@ class PruneChannels(Pass):
                 stats["refit_error_ratio_mean"] = float(np.mean(ratios))
         return PassResult(graph, pruned > 0, stats, layers=tuple(rows))
 
-    def _scores(self, graph, shrinker, groups, calibration, grams) -> list[np.ndarray]:
+    def _scores(self, graph, shrinker, groups, calibration, sites, grams) -> list[np.ndarray]:
         """Rule 2: one score per unit of every group (and ``grams`` filled on the way)."""
         consumers = {}  # group index -> [(input name, axis, offset, column norms)]
         for i, group in enumerate(groups):
@@ -202,7 +204,7 @@ class PruneChannels(Pass):
                     norms = channel_norms(w, use.axis % w.ndim, 2)
                     found.append((*target, use.offset, norms[use.offset: use.offset + group.size]))
             consumers[i] = found
-        stats = self._activation_stats(graph, consumers, calibration, grams)
+        stats = self._activation_stats(graph, consumers, calibration, sites, grams)
         scores = []
         for i, group in enumerate(groups):
             units = group.size // group.unit
@@ -223,7 +225,7 @@ class PruneChannels(Pass):
                           else np.ones(units))
         return scores
 
-    def _activation_stats(self, graph, consumers, calibration,
+    def _activation_stats(self, graph, consumers, calibration, sites,
                           grams: dict[str, InputStats]) -> dict[str, ChannelStats]:
         """Channel statistics at the consumers' inputs for the scores, and the input Grams of
         the consumers to refit, from one run over the calibration batches (Taylor scores
@@ -235,14 +237,17 @@ class PruneChannels(Pass):
         if self.importance == "taylor" and stats:
             taylor_fx(graph, calibration, stats, self.loss)
         scored = stats if self.importance == "activation" else {}
+        refits: dict[str, dict[str, object]] = {}  # input name -> {statistics key: site}
+        for site in (site for found in sites for site in found):
+            refits.setdefault(site.input, {})[site.key] = site
 
         def consume(name: str, array: np.ndarray) -> None:
             if name in scored:
                 scored[name].update(array)
-            if name in grams:
-                grams[name].update(array)
+            for key, site in refits.get(name, {}).items():
+                grams[key].update(site.rows(array))
 
-        names = sorted({*scored, *grams})
+        names = sorted({*scored, *refits})
         if names:
             collect(graph, calibration, names, consume)
         return stats

@@ -1,8 +1,9 @@
 """prune-channels:reconstruct=true: the IR-free least-squares refit against numpy's lstsq
-and its error bound, exact recovery when the kept channels span the removed ones (FX in eager
-and ONNX in ORT), a lower held-out error than the plain cut on a nonlinear MLP and a transformer
-block (heads and FFN), a bias-less consumer whose outputs another group prunes in the same
-call, tied weights left alone, and typed errors."""
+and its error bound, convolution patches against torch's conv2d, exact recovery when the kept
+channels span the removed ones (linear and convolution; FX in eager and ONNX in ORT), a lower
+held-out error than the plain cut on a nonlinear MLP, a transformer block (heads and FFN) and
+a CNN with batch norms and a residual block, a bias-less consumer whose outputs another group
+prunes in the same call, tied weights left alone, and typed errors."""
 
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ from torch import nn
 from graphpress.graph import verify
 from graphpress.graph.errors import PassSpecError, PreconditionError
 from graphpress.passes.prune import PruneChannels
+from graphpress.passes.prune._patches import ConvGeometry
 from graphpress.passes.prune._reconstruct import refit
 from graphpress.passes.quantize._gptq import InputStats
 
-from .test_prune_channels import Attention
+from .test_prune_channels import CNN, Attention
 
 
 def _gram(x: np.ndarray) -> np.ndarray:
@@ -151,6 +153,57 @@ def test_transformer_block_heads_and_ffn(h, ir_kind):
     assert rows["heads"]["refit"] == 1 and rows["ffn"]["refit"] == 1  # o and f2
     plain_error = np.square(h.run_graph(plain, held_out) - expected).mean()
     assert np.square(h.run_graph(refit_graph, held_out) - expected).mean() < plain_error
+
+
+def test_convolution_patches_times_the_flat_weight_is_the_convolution():
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 3, 9, 8), torch.randn(5, 3, 3, 2)
+    geometry = ConvGeometry(kernel=(3, 2), stride=(2, 1), dilation=(1, 2), pads=(1, 0, 1, 0))
+    expected = torch.nn.functional.conv2d(x, w, stride=(2, 1), padding=(1, 0), dilation=(1, 2))
+    rows = geometry.patches(x.numpy()) @ w.reshape(5, -1).numpy().T  # [N·L, O]
+    got = rows.reshape(2, -1, 5).transpose(0, 2, 1).reshape(expected.shape)
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-5, atol=1e-5)
+
+
+class ConvPair(nn.Module):
+    """A 1×1 convolution then an unpadded 3×3 one, nothing between: the 16 hidden channels are
+    affine in the 3 input channels, so any 8 of them rebuild the second convolution exactly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 16, 1), nn.Conv2d(16, 4, 3)
+
+    def forward(self, x):
+        return self.c2(self.c1(x))
+
+
+@pytest.mark.parametrize("ir_kind", ["fx", "onnx"])
+def test_convolution_consumer_reconstructs_exactly(h, ir_kind):
+    model = ConvPair().eval()
+    calibration = [torch.randn(8, 3, 10, 10) for _ in range(2)]
+    held_out = torch.randn(8, 3, 10, 10)
+    expected = model(held_out).detach().numpy()
+    plain, _ = _prune(h, model, ir_kind, calibration, ratio=0.5, importance="l1")
+    refit_graph, result = _prune(h, model, ir_kind, calibration, ratio=0.5, importance="l1",
+                                 reconstruct=True, damping=0.0)
+    assert result.stats["consumers_refit"] == 1 and result.layers[0]["refit_error_ratio"] < 1e-8
+    assert np.abs(h.run_graph(plain, held_out) - expected).max() > 0.1
+    np.testing.assert_allclose(h.run_graph(refit_graph, held_out), expected, atol=2e-4)
+
+
+@pytest.mark.parametrize("ir_kind", ["fx", "onnx"])
+def test_cnn_with_batch_norms_and_a_residual_block(h, ir_kind):
+    torch.manual_seed(6)
+    model = h.randomize_bn(CNN())
+    calibration = [torch.randn(16, 3, 8, 8) for _ in range(4)]
+    held_out = torch.randn(16, 3, 8, 8)
+    expected = model(held_out).detach().numpy()
+    options = {"ratio": 0.5, "importance": "activation", "round_to": 4}
+    plain, _ = _prune(h, model, ir_kind, calibration, **options)
+    refit_graph, result = _prune(h, model, ir_kind, calibration, reconstruct=True, **options)
+    assert result.stats["consumers_refit"] >= 4  # block convolutions and the head
+    plain_error = np.square(h.run_graph(plain, held_out) - expected).mean()
+    assert np.square(h.run_graph(refit_graph, held_out) - expected).mean() < 0.7 * plain_error
 
 
 class Tied(nn.Module):
