@@ -11,7 +11,8 @@ storing activations.
   ``chunk_size`` values, one session per chunk, so at most one chunk's activations of one
   batch are alive at a time (the batches are re-run per chunk).
 
-A batch is a tuple of tensors/arrays (positional inputs) or a dict ``{input_name: array}``.
+A batch is a tuple of tensors/arrays (positional inputs), a dict ``{input_name: array}``, or
+for an FX graph captured with both an ``(args_tuple, kwargs_dict)`` pair.
 """
 
 from __future__ import annotations
@@ -30,12 +31,26 @@ from graphpress.export.ort import session
 from graphpress.graph.errors import PreconditionError
 from graphpress.graph.kind import Graph, clone, kind
 
-__all__ = ["collect", "as_batches", "Consumer"]
+__all__ = ["collect", "as_batches", "call_arguments", "Consumer"]
 
 logger = logging.getLogger(__name__)
 
 #: ``consume(name, array)`` is called once per target value and batch.
 Consumer = Callable[[str, np.ndarray], None]
+
+
+def call_arguments(batch: Any) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` to call a graph with one batch: a dict is keyword inputs, a pair
+    ``(tuple_or_list, dict)`` is positional and keyword inputs (for graphs captured with both),
+    any other tuple or list is positional inputs, a lone tensor one positional input."""
+    if isinstance(batch, Mapping):
+        return (), dict(batch)
+    if (isinstance(batch, (tuple, list)) and len(batch) == 2
+            and isinstance(batch[0], (tuple, list)) and isinstance(batch[1], Mapping)):
+        return tuple(batch[0]), dict(batch[1])
+    if isinstance(batch, (tuple, list)):
+        return tuple(batch), {}
+    return (batch,), {}
 
 
 def as_batches(batches: Any) -> list[Any]:
@@ -98,7 +113,7 @@ def _collect_fx(gm, items, targets, consume, progress) -> None:
     in_spec = getattr(getattr(gm.graph._codegen, "pytree_info", None), "in_spec", None)
     with torch.inference_mode():
         for batch in tqdm(items, desc="calibrating", disable=not progress, leave=False):
-            args, kwargs = ((), dict(batch)) if isinstance(batch, Mapping) else (tuple(batch), {})
+            args, kwargs = call_arguments(batch)
             args = tuple(torch.as_tensor(a) if isinstance(a, np.ndarray) else a for a in args)
             kwargs = {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v
                       for k, v in kwargs.items()}
@@ -132,17 +147,18 @@ def _collect_onnx(model: ir.Model, items, names, consume, chunk_size, progress) 
 
 
 def _feed(batch: Any, inputs: list[str]) -> dict[str, Any]:
-    if isinstance(batch, Mapping):
-        missing = [n for n in inputs if n not in batch]
-        if missing:
-            raise PreconditionError(f"calibration batch lacks model inputs {missing}")
-        return {n: batch[n] for n in inputs}
-    if len(batch) != len(inputs):
+    """ONNX feeds of one batch: positional values fill the first inputs, keywords by name."""
+    args, kwargs = call_arguments(batch)
+    if len(args) > len(inputs) or (not kwargs and len(args) != len(inputs)):
         raise PreconditionError(
-            f"calibration batch has {len(batch)} values but the model takes {len(inputs)} "
+            f"calibration batch has {len(args)} values but the model takes {len(inputs)} "
             f"inputs ({', '.join(inputs)}); pass dicts by name"
         )
-    return dict(zip(inputs, batch))
+    feed = {**dict(zip(inputs, args)), **kwargs}
+    missing = [n for n in inputs if n not in feed]
+    if missing:
+        raise PreconditionError(f"calibration batch lacks model inputs {missing}")
+    return {n: feed[n] for n in inputs}
 
 
 def _expose(model: ir.Model, names: list[str]) -> ir.Model:

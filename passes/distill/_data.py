@@ -1,6 +1,7 @@
 """Batches in, model calls out: split inputs from labels, move to a device, pick the output.
 
-A batch is a dict of tensors (keyword inputs), a tuple/list (positional inputs) or one tensor.
+A batch is a dict of tensors (keyword inputs), a tuple/list (positional inputs), an
+``(args, kwargs)`` pair (both, for graphs captured with both) or one tensor.
 ``labels`` names where a batch keeps its labels: a dict key, a tuple index, or a callable
 ``batch -> (inputs, labels)``; without labels the teacher's outputs are the only targets.
 The distilled output is ``output(model_outputs)`` — or ``output(model_outputs, inputs)`` when
@@ -21,6 +22,8 @@ import torch
 from torch.utils import _pytree as pytree
 
 from graphpress.graph.errors import PreconditionError
+
+from .._collect import call_arguments
 
 __all__ = ["split_batch", "to_device", "select_output", "call", "check_reiterable"]
 
@@ -48,14 +51,10 @@ def split_batch(batch: Any, labels: Any) -> tuple[tuple, dict, Any]:
         target = batch[labels]
         index = labels % len(batch)
         batch = tuple(v for i, v in enumerate(batch) if i != index)
-    if isinstance(batch, Mapping):
-        return (), dict(batch), target
-    if isinstance(batch, (tuple, list)):
-        return tuple(batch), {}, target
-    if isinstance(batch, torch.Tensor):
-        return (batch,), {}, target
-    raise PreconditionError(f"distill: a batch must be a dict of tensors, a tuple or a tensor, "
-                            f"got {type(batch).__name__}")
+    if not isinstance(batch, (Mapping, tuple, list, torch.Tensor)):
+        raise PreconditionError(f"distill: a batch must be a dict of tensors, a tuple, an "
+                                f"(args, kwargs) pair or a tensor, got {type(batch).__name__}")
+    return (*call_arguments(batch), target)
 
 
 def to_device(tree: Any, device: torch.device) -> Any:

@@ -9,7 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from graphpress import capture, load
 from graphpress.graph import PreconditionError
-from graphpress.passes._collect import as_batches, collect
+from graphpress.passes._collect import as_batches, call_arguments, collect
 
 
 def _onnx():
@@ -51,6 +51,26 @@ def test_fx_values_match_eager():
     collect(gm, [(x,)], names, lambda n, a: got.__setitem__(n, a))
     linear = next(n for n in names if "linear" in n)
     np.testing.assert_allclose(got[linear], module[0](x).detach().numpy(), rtol=1e-6)
+
+
+class _Masked(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 3)
+
+    def forward(self, x, *, scale):
+        return torch.relu(self.linear(x)) * scale
+
+
+def test_fx_graph_captured_with_args_and_kwargs_takes_pairs():
+    module = _Masked().eval()
+    x, scale = torch.randn(2, 4), torch.rand(2, 1)
+    gm = capture(module, (x,), {"scale": scale})
+    linear = next(n.name for n in gm.graph.nodes if "linear" in n.name and n.op != "get_attr")
+    got: dict[str, np.ndarray] = {}
+    collect(gm, [((x,), {"scale": scale})], [linear], lambda n, a: got.__setitem__(n, a))
+    np.testing.assert_allclose(got[linear], module.linear(x).detach().numpy(), rtol=1e-6)
+    assert call_arguments([x]) == ((x,), {}) and call_arguments({"x": x}) == ((), {"x": x})
 
 
 def test_bad_batches_and_names_are_precondition_errors():
