@@ -30,7 +30,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, markdown_table, start_run, write  # noqa: E402
-from _memory import measured_activation_peak, module_weight_bytes  # noqa: E402
 
 logger = logging.getLogger("benchmarks.partition")
 
@@ -116,6 +115,7 @@ def memory_rows(name: str, gm, inputs: dict) -> list[dict]:
     import torch
 
     import graphpress as gp
+    from graphpress.graph.measured import module_storage_bytes, run_peak_bytes
 
     result = gp.optimize(gm, ["partition-pipeline:stages=4,cost=flops"])
     estimates = result.report.records[0].layers
@@ -124,8 +124,8 @@ def memory_rows(name: str, gm, inputs: dict) -> list[dict]:
     rows = []
     for stage, estimate in zip(stages, estimates):
         args = tuple(values[v.name] for v in stage.inputs)
-        activations = measured_activation_peak(stage.graph, args)
-        weights = module_weight_bytes(stage.graph)
+        activations = run_peak_bytes(stage.graph, args)
+        weights = module_storage_bytes(stage.graph)
         estimated = estimate["weight_bytes"] + estimate["activation_peak"]
         measured = weights + activations
         rows.append({

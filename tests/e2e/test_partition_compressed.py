@@ -28,12 +28,12 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
 from torch.utils import _pytree as pytree
 
 from graphpress.export import split_stages, to_onnx
 from graphpress.graph import capture, clone, measure
 from graphpress.graph.costs import node_costs
+from graphpress.graph.measured import module_storage_bytes, run_peak_bytes
 from graphpress.graph.memory import estimate_memory
 from graphpress.passes import optimize
 from graphpress.passes.partition import PartitionPipeline
@@ -202,40 +202,6 @@ def session(model: ir.Model, *, fuse: bool = True) -> ort.InferenceSession:
 def plan(graph) -> dict:
     raw = graph.meta if isinstance(graph, torch.fx.GraphModule) else graph.metadata_props
     return json.loads(raw["graphpress.pipeline"])
-
-
-def storage_bytes(tensors_) -> int:
-    seen, total = set(), 0
-    for tensor in tensors_:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in seen:
-            seen.add(storage.data_ptr())
-            total += storage.nbytes()
-    return total
-
-
-def module_bytes(module: torch.nn.Module) -> int:
-    """Storage of every tensor the module holds (parameters, buffers, tensor attributes)."""
-    found = list(module.state_dict(keep_vars=True).values())
-    for _, sub in module.named_modules():
-        found += [v for v in vars(sub).values() if isinstance(v, torch.Tensor)]
-    return storage_bytes(found)
-
-
-def allocator_peak(module: torch.nn.Module, args: tuple) -> int:
-    """Peak bytes the CPU allocator hands out while ``module(*args)`` runs (raw ``[memory]``
-    profiler events, one per malloc/free, summed in time order) plus the inputs it holds."""
-    with torch.no_grad():
-        module(*args)  # warm-up
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            module(*args)
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for event in events:
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak + storage_bytes(a for a in args if isinstance(a, torch.Tensor))
 
 
 def _constant_bytes(value: ir.Value) -> int:
@@ -425,7 +391,7 @@ def test_fx_compressed_stages_chained_reproduce_the_graph(bert, fx_compressed, s
                 assert {a.name for a in node.all_input_nodes if a.name in derived} <= made
     assert all(v.shape is not None and v.bytes > 0 for stage in split for v in stage.inputs)
     for stage, row in zip(split, result.layers):
-        assert module_bytes(stage.graph) == row["weight_bytes"]  # compressed storage per stage
+        assert module_storage_bytes(stage.graph) == row["weight_bytes"]  # compressed storage per stage
     values = fx_chain(split, inputs)
     with torch.no_grad():
         want = tensors(gm(**inputs))
@@ -594,7 +560,7 @@ def test_fx_stage_memory_estimate_matches_measured(residual_mlp, spec):
     for stage, row in zip(split, rows):
         args = tuple(values[v.name] for v in stage.inputs)
         estimated = row["weight_bytes"] + row["activation_peak"]
-        measured = module_bytes(stage.graph) + allocator_peak(stage.graph, args)
+        measured = module_storage_bytes(stage.graph) + run_peak_bytes(stage.graph, args)
         assert abs(estimated - measured) <= 0.1 * measured, (stage.index, estimated, measured)
         with torch.no_grad():
             values.update(zip((v.name for v in stage.outputs), stage.graph(*args)))
@@ -637,6 +603,6 @@ def test_fx_quantization_op_temporaries_match_the_allocator(case):
     table = node_costs(gm)
     (node,) = [n for n in table.nodes if n.flops]
     estimated = table.workspace.get(node.name, 0) + node.outputs[0].bytes
-    measured = allocator_peak(gm, (x,)) - x.nbytes
+    measured = run_peak_bytes(gm, (x,)) - x.nbytes
     assert table.workspace.get(node.name, 0) > 0
     assert abs(estimated - measured) <= 0.01 * measured, (estimated, measured)

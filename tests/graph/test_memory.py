@@ -12,6 +12,7 @@ from torch.utils._pytree import tree_leaves
 from graphpress.export import to_onnx
 from graphpress.graph import UnsupportedGraphError, capture, measure
 from graphpress.graph.costs import node_costs, peak_live_bytes
+from graphpress.graph.measured import allocator_peak, run_peak_bytes, storage_bytes
 from graphpress.graph.memory import estimate_memory, kv_cache_by_node, kv_cache_bytes
 from graphpress.passes import optimize
 
@@ -47,22 +48,6 @@ def interpreter_peak(gm: fx.GraphModule, *args) -> int:
     with torch.no_grad():
         runner.run(*args)
     return runner.peak
-
-
-def profiler_peak(fn) -> int:
-    """Peak of the CPU bytes allocated while ``fn`` runs, from the profiler's memory events
-    (tensors that exist before the call, such as the inputs, are not in it)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for event in events:
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak
 
 
 # LLaMA-style decoder: 2 layers, hidden 64, 4 heads of 16, 2 KV heads ---------------------------
@@ -109,7 +94,7 @@ def test_decoder_activations_match_measured_peaks(llama):
     measured = interpreter_peak(gm, inputs["input_ids"], inputs["use_cache"])
     assert abs(estimate - measured) <= 0.1 * measured
     # the profiler sees allocations during the call (op temporaries too) but not the inputs
-    allocated = profiler_peak(lambda: gm(**inputs)) + inputs["input_ids"].nbytes
+    allocated = allocator_peak(lambda: gm(**inputs)) + inputs["input_ids"].nbytes
     assert abs(estimate - allocated) <= 0.1 * allocated
 
 
@@ -202,3 +187,12 @@ def test_batch_needs_a_token_input():
         estimate_memory(gm, batch=3)
     with pytest.raises(UnsupportedGraphError, match="kv_cache=True needs layers"):
         estimate_memory(gm, kv_cache=True)
+
+
+def test_measured_helpers_see_allocations_and_count_storages_once():
+    weight = torch.zeros(256, 256)
+    assert storage_bytes([weight, weight[:10], weight.t()]) == weight.nbytes
+    assert allocator_peak(lambda: torch.ones(512, 512) + 1) >= 2 * 512 * 512 * 4
+    linear = torch.nn.Linear(64, 32)
+    x = torch.randn(8, 64)
+    assert run_peak_bytes(linear, (x,)) >= x.nbytes + 8 * 32 * 4
