@@ -5,7 +5,8 @@ then ``y = W_{:,¬C} ⋆ x_{¬C} + (b + Σ_{c∈C} k_c · Σ_spatial W_{:, c})``
 the input and the weight, and their contribution joins the bias (exact for a linear layer and
 for a convolution without padding; with padding the border sees zeros instead of ``k_c``, so
 only ``k_c = 0`` is exact there). :func:`contribution` is the IR-free part; the FX and ONNX
-helpers bind a NEW bias (``<weight>.foldpruned.bias``), adding one where there was none
+helpers bind a NEW bias (``<weight>.<tag>.bias``, ``foldpruned`` unless the caller names
+another tag), adding one where there was none
 (FX ``aten.add``, ONNX ``Add`` after a ``MatMul``).
 """
 
@@ -80,9 +81,10 @@ def onnx_consumer(node: ir.Node) -> tuple[int, bool] | None:
     return None
 
 
-def add_bias_fx(gm: fx.GraphModule, node: fx.Node, delta: np.ndarray, pass_name: str) -> fx.Node:
+def add_bias_fx(gm: fx.GraphModule, node: fx.Node, delta: np.ndarray, pass_name: str,
+                tag: str = "foldpruned") -> fx.Node:
     """Make ``node`` (linear/conv/addmm/mm/matmul) compute ``+ delta`` on its output channels;
-    returns the new bias ``get_attr``."""
+    returns the new bias ``get_attr`` (``<weight>.<tag>.bias``)."""
     index = 0 if node.target is _aten.addmm.default else 2
     old = node.args[index] if len(node.args) > index else None
     weight = node.args[2 if node.target is _aten.addmm.default else 1]
@@ -91,7 +93,7 @@ def add_bias_fx(gm: fx.GraphModule, node: fx.Node, delta: np.ndarray, pass_name:
     if isinstance(old, fx.Node) and base is None:
         raise ValueError(f"the bias of {node.name} is not a constant")
     total = delta if base is None else base.detach().double().numpy() + delta
-    name = f"{getattr(weight, 'target', node.name)}.foldpruned.bias"
+    name = f"{getattr(weight, 'target', node.name)}.{tag}.bias"
     with gm.graph.inserting_before(node):
         bias = mark(gm.graph.get_attr(add_tensor(gm, name, torch.from_numpy(
             np.ascontiguousarray(total)).to(dtype))), pass_name)
@@ -109,11 +111,11 @@ def add_bias_fx(gm: fx.GraphModule, node: fx.Node, delta: np.ndarray, pass_name:
 
 
 def add_bias_onnx(model: ir.Model, node: ir.Node, delta: np.ndarray, pass_name: str,
-                  taken: set[str]) -> list[tuple[ir.Value, ir.Value]]:
+                  taken: set[str], tag: str = "foldpruned") -> list[tuple[ir.Value, ir.Value]]:
     """Make ``node`` (MatMul/Gemm/Conv) compute ``+ delta``; returns (old, new) biases."""
     graph, weight = model.graph, node.inputs[1]
     dtype = onnx_const(weight).dtype
-    name = f"{weight.name}.foldpruned.bias"
+    name = f"{weight.name}.{tag}.bias"
     if node.op_type in ("Gemm", "Conv"):
         index = 2
         old = node.inputs[index] if len(node.inputs) > index else None
@@ -142,10 +144,10 @@ def add_bias_onnx(model: ir.Model, node: ir.Node, delta: np.ndarray, pass_name: 
             add.replace_input_with(slot, new)
             return [(old, new)]
     bias = add_initializer(graph, name, delta.astype(dtype), pass_name, taken)
-    new_out = ir.Value(name=unique_name(graph, f"{out.name}.foldpruned.out", taken),
+    new_out = ir.Value(name=unique_name(graph, f"{out.name}.{tag}.out", taken),
                        type=out.type, shape=out.shape)
     plus = ir.node("Add", [out, bias], outputs=[new_out],
-                   name=unique_name(graph, f"{node.name or out.name}.foldpruned.add", taken))
+                   name=unique_name(graph, f"{node.name or out.name}.{tag}.add", taken))
     graph.insert_after(node, mark_onnx(plus, pass_name))
     for use in list(out.uses()):
         if use.node is not plus:
@@ -153,13 +155,14 @@ def add_bias_onnx(model: ir.Model, node: ir.Node, delta: np.ndarray, pass_name: 
     for i, value in enumerate(graph.outputs):  # a graph output keeps its name
         if value is out:
             keep = out.name
-            out.name = unique_name(graph, f"{keep}.foldpruned.pre", taken)
+            out.name = unique_name(graph, f"{keep}.{tag}.pre", taken)
             new_out.name = keep
             graph.outputs[i] = new_out
     return []
 
 
-def apply_bias_deltas(graph, shrinker, deltas: dict, pass_name: str) -> None:
+def apply_bias_deltas(graph, shrinker, deltas: dict, pass_name: str,
+                      tag: str = "foldpruned") -> None:
     """Add ``delta`` to the bias of every consumer in ``deltas`` = ``{node: (use, out_axis,
     delta over the ORIGINAL output channels)}``, once the groups are shrunk: the delta loses the
     rows the consumer's weight lost (another group may have pruned its outputs), and the bias
@@ -169,11 +172,11 @@ def apply_bias_deltas(graph, shrinker, deltas: dict, pass_name: str) -> None:
         if isinstance(node, fx.Node):
             index = 0 if node.target is _aten.addmm.default else 2
             old = node.args[index] if len(node.args) > index else None
-            new = add_bias_fx(graph, node, delta, pass_name)
+            new = add_bias_fx(graph, node, delta, pass_name, tag)
             if isinstance(old, fx.Node):
                 shrinker.origin[new] = shrinker.origin.get(old, old.target)
                 remove_dead_fx(graph, [old])
         else:
-            for old, new in add_bias_onnx(graph, node, delta, pass_name, shrinker.taken):
+            for old, new in add_bias_onnx(graph, node, delta, pass_name, shrinker.taken, tag):
                 new.meta["prune.origin"] = old.meta.get("prune.origin", old.name)
                 drop_unused_constants([old])

@@ -179,7 +179,7 @@ class PruneChannels(Pass):
             removed += units - len(keep)
         for group, _score, keep, _found in cuts:
             shrinker.shrink(group, keep)  # Rule 4
-        apply_bias_deltas(graph, shrinker, deltas, self.name)
+        apply_bias_deltas(graph, shrinker, deltas, self.name, tag="refit")
         pruned = len(cuts)
         if pruned:
             shrinker.finish()
