@@ -5,12 +5,15 @@ MiniLM: captured once to FX (dynamic batch and sequence); every variant runs
 fp32 export: parameters, ONNX bytes, cosine mean/min of mean-pooled embeddings on disjoint
 stdlib sentences (no healing), seconds in the pass, ORT CPU latency (2 threads, interleaved
 medians) at b16×128 as a ratio to fp32. Calibration (activation importance, Taylor) uses other
-sentences than the evaluation.
+sentences than the evaluation: 64 of them, and 512 for ``reconstruct=true`` (the least-squares
+refit of the consumers needs more rows than their width, 1536 for the FFN).
 
 CNN: a small conv net with BatchNorm and a residual block trained for a few seconds on
 scikit-learn's digits (train/test split fixed); 50% (and 25%) of the channels of every
-prunable group, the residual stream included, pruned by L1 and by activation importance, then
-``fold-batchnorm``; test accuracy before/after (no fine-tuning) and ORT latency at batch 512.
+prunable group, the residual stream included, pruned by L1 and by activation importance (and
+with ``reconstruct=true``: every convolution and the head refit by least squares on the 512
+calibration images), then ``fold-batchnorm``; test accuracy before/after (no fine-tuning) and
+ORT latency at batch 512.
 
     python benchmarks/pruning.py [--quick]
 """
@@ -39,10 +42,12 @@ def minilm_rows(quick: bool) -> tuple[list[dict], object]:
     from graphpress.data import load_minilm, stdlib_sentences
 
     model, tokenizer = load_minilm()
-    n_eval, n_cal = (64, 16) if quick else (256, 64)
+    n_eval, n_cal, n_refit = (64, 16, 64) if quick else (256, 64, 512)
     evaluation = tokenize(tokenizer, stdlib_sentences(n_eval, offset=0), 32)
-    calibration = [{k: torch.from_numpy(v) for k, v in b.items()}
-                   for b in tokenize(tokenizer, stdlib_sentences(n_cal, offset=1000), 16)]
+    calibration, refit_calibration = (
+        [{k: torch.from_numpy(v) for k, v in b.items()}
+         for b in tokenize(tokenizer, stdlib_sentences(count, offset=1000), 16)]
+        for count in (n_cal, n_refit))
     example = {k: v[:2] for k, v in calibration[0].items()}
     batch, seq = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("seq", min=2, max=512)
     dims = {name: {0: batch, 1: seq} for name in example}
@@ -64,14 +69,17 @@ def minilm_rows(quick: bool) -> tuple[list[dict], object]:
     rows.append({"variant": "fp32 + " + " + ".join(exact), "params_m": rows[0]["params_m"],
                  "onnx_mb": model_bytes(path) / 1e6, "cos_mean": 1.0, "path": str(path)})
     importances = ("l1", "activation") if quick else ("l1", "l2", "activation", "taylor")
+    methods = [(importance, False) for importance in importances] + [("activation", True)]
     for scope in ("ffn", "heads"):
         for ratio in (0.25, 0.5):
-            for importance in importances:
-                spec = f"prune-channels:ratio={ratio},scope={scope},importance={importance}"
-                label = f"{scope} {ratio:.0%} {importance}"
+            for importance, refit in methods:
+                spec = (f"prune-channels:ratio={ratio},scope={scope},importance={importance}"
+                        + (",reconstruct=true" if refit else ""))
+                label = f"{scope} {ratio:.0%} {importance}" + (" + reconstruct" if refit else "")
                 try:
-                    result = gp.optimize(gm, [spec], calibration=calibration)
-                    path = work / f"{scope}-{ratio}-{importance}.onnx"
+                    result = gp.optimize(gm, [spec], calibration=refit_calibration if refit
+                                         else calibration)
+                    path = work / f"{scope}-{ratio}-{importance}{'-refit' * refit}.onnx"
                     export(result.graph, path)
                     cos = cosine_rows(reference, embed(session(path), evaluation))
                     rows.append({"variant": label, "spec": spec,
@@ -79,7 +87,7 @@ def minilm_rows(quick: bool) -> tuple[list[dict], object]:
                                  "onnx_mb": model_bytes(path) / 1e6,
                                  "cos_mean": float(cos.mean()), "cos_min": float(cos.min()),
                                  "seconds": result.report.seconds, "path": str(path)})
-                    if scope == "ffn" and importance == "activation":
+                    if scope == "ffn" and importance == "activation" and not refit:
                         fused = work / f"{scope}-{ratio}-{importance}-fused.onnx"
                         gp.save(gp.optimize(str(path), exact).graph, fused)
                         rows.append({**rows[-1], "variant": f"{label} + " + " + ".join(exact),
@@ -165,8 +173,14 @@ def cnn_rows(quick: bool) -> list[dict]:
                                             "fold-batchnorm"],
                 "50% of all channels, activation": [
                     "prune-channels:ratio=0.5,scope=all,importance=activation", "fold-batchnorm"],
+                "50% of all channels, activation + reconstruct": [
+                    "prune-channels:ratio=0.5,scope=all,importance=activation,reconstruct=true",
+                    "fold-batchnorm"],
                 "25% of all channels, activation": [
                     "prune-channels:ratio=0.25,scope=all,importance=activation",
+                    "fold-batchnorm"],
+                "25% of all channels, activation + reconstruct": [
+                    "prune-channels:ratio=0.25,scope=all,importance=activation,reconstruct=true",
                     "fold-batchnorm"]}
     rows, sessions = [], {}
     for label, specs in variants.items():
@@ -202,7 +216,8 @@ def main() -> None:
     markdown = (
         "## Structured pruning (no healing)\n\n### all-MiniLM-L6-v2\n\nFX → prune-channels → "
         "ONNX; cosine of mean-pooled embeddings vs the fp32 export on disjoint stdlib "
-        "sentences; ORT CPU 2 threads, b16×128 interleaved medians"
+        "sentences (calibration: 64 other sentences, 512 for `+ reconstruct`); ORT CPU 2 "
+        "threads, b16×128 interleaved medians"
         + (" — **quick mode**" if args.quick else "") + ".\n\n"
         + markdown_table([{k: v for k, v in r.items() if k != "path"} for r in rows], columns)
         + "\n\n### Small CNN on scikit-learn digits (397 test images)\n\n"
