@@ -31,8 +31,8 @@ from .._collect import collect
 from .._rewrite import require_canonical
 from ..base import Pass, PassResult
 from ..calibrate import CalibrationTable
-from ..registry import register
 from ..quantize._gptq import InputStats
+from ..registry import register
 from ._fold_bias import apply_bias_deltas
 from ._importance import (
     ChannelStats,
