@@ -36,6 +36,8 @@ from graphpress.graph.capture import eval_mode
 from graphpress.graph.errors import ExportError
 from graphpress.graph.io import save
 
+from ._nbits import nbits_export_copy
+
 __all__ = ["to_onnx", "save", "PASS_KEY"]
 
 logger = logging.getLogger(__name__)
@@ -57,6 +59,7 @@ def to_onnx(
     opset: int | None = None,
     optimize: bool = True,
     debug_metadata: bool = False,
+    matmul_nbits: bool = True,
 ) -> ir.Model:
     """Export ``model(*args, **kwargs)`` to ONNX and return the ``onnx_ir.Model``.
 
@@ -64,7 +67,9 @@ def to_onnx(
     and left as it was. ``opset`` defaults to the exporter's; ``optimize`` runs the onnxscript
     optimizer (constant folding, dead-code removal). Exporter debug metadata (Python stack
     traces and the like, :data:`DEBUG_METADATA_KEYS`) is dropped unless ``debug_metadata``.
-    Raises :class:`ExportError`.
+    With ``matmul_nbits`` an FX graph's block-quantized linears (``quantize-weights``) become
+    ``com.microsoft.MatMulNBits`` nodes reading the packed codes (:mod:`._nbits`) instead of
+    a decode chain. Raises :class:`ExportError`.
     """
     if not isinstance(model, torch.nn.Module):
         raise ExportError(
@@ -73,6 +78,9 @@ def to_onnx(
         )
     if not isinstance(args, tuple):
         args = (args,)
+    fused = 0
+    if matmul_nbits and isinstance(model, fx.GraphModule):
+        model, fused = nbits_export_copy(model)
     chatter = io.StringIO()
     try:
         with eval_mode(model), contextlib.redirect_stdout(chatter), warnings.catch_warnings():
@@ -105,9 +113,10 @@ def to_onnx(
     if not debug_metadata:
         _drop_debug_metadata(onnx_model)
     logger.debug(
-        "exported %s: %d ONNX nodes, opset %s",
+        "exported %s: %d ONNX nodes (%d MatMulNBits from block-quantized linears), opset %s",
         type(model).__name__,
         len(onnx_model.graph),
+        fused,
         onnx_model.opset_imports.get("", "?"),
     )
     return onnx_model

@@ -7,10 +7,11 @@ unpacked when asymmetric) and a chain of aten ops computing ``Ŵ = (q − z)·s`
 cast, ``⌊p/2^(b·i)⌋ mod 2^b`` for ``i < 8/b`` (float ``div``/``floor``/``mul``/``sub``, exact for
 bytes; the exporter mistypes uint8 bitwise ops), ``stack``, ``reshape [N, n_blocks, B]``,
 ``sub``, ``mul``, ``reshape [N, n_blocks·B]``, ``slice [:, :K]``. The layer then reads ``Ŵ``, so
-the FX graph computes what ORT computes (up to float summation order). Exporting it with
-``graphpress.export.to_onnx`` gives plain ONNX ops (``Cast``/``Div``/``Floor``/``Mul``/``Sub``/``Concat``/
-``Reshape`` feeding ``MatMul``/``Gather``; the constant folder may fold small ones back to
-float), not ``MatMulNBits``.
+the FX graph computes what ORT computes (up to float summation order). ``graphpress.export.to_onnx``
+exports each quantized linear as one ``com.microsoft.MatMulNBits`` reading these buffers
+(``export/_nbits.py`` recognises the chain and checks it decodes to the same weight); an
+embedding table's chain, or any export with ``matmul_nbits=False``, stays plain ONNX ops
+(``Cast``/``Div``/``Floor``/``Mul``/``Sub``/``Concat``/``Reshape`` feeding ``Gather``/``MatMul``).
 
 Calibrated codes follow the ONNX path (``weights.quantize_sites``) site for site: the input
 statistics of a linear are those of its activation node ``x`` (``aten.linear(x, W, b)``);
