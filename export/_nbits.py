@@ -26,6 +26,7 @@ is never modified; the copy shares its tensors.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -212,15 +213,15 @@ def nbits_export_copy(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
     graph = copy.deepcopy(gm.graph)
     twins = dict(zip(gm.graph.nodes, graph.nodes))
     out = fx.GraphModule(gm, graph)
+    def add_buffer(site: NbitsSite, before: fx.Node, role: str, array: np.ndarray) -> fx.Node:
+        name = f"{site.name.replace('.', '_')}_nbits_{role}"
+        out.register_buffer(name, torch.from_numpy(np.ascontiguousarray(array)))
+        with graph.inserting_before(before):
+            return graph.get_attr(name)
+
     for site in sites:
         node = twins[site.node]
-
-        def buffer(role: str, array: np.ndarray) -> fx.Node:
-            name = f"{site.name.replace('.', '_')}_nbits_{role}"
-            out.register_buffer(name, torch.from_numpy(np.ascontiguousarray(array)))
-            with graph.inserting_before(node):
-                return graph.get_attr(name)
-
+        buffer = functools.partial(add_buffer, site, node)
         packed = site.packed_zero_points()
         zero_points = None if packed is None else buffer("zero_points", packed)
         with graph.inserting_before(node):
