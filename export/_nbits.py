@@ -213,9 +213,14 @@ def nbits_export_copy(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
     graph = copy.deepcopy(gm.graph)
     twins = dict(zip(gm.graph.nodes, graph.nodes))
     out = fx.GraphModule(gm, graph)
+
     def add_buffer(site: NbitsSite, before: fx.Node, role: str, array: np.ndarray) -> fx.Node:
-        name = f"{site.name.replace('.', '_')}_nbits_{role}"
-        out.register_buffer(name, torch.from_numpy(np.ascontiguousarray(array)))
+        """A buffer per (codes buffer, op, role): sites sharing codes in the same op share it;
+        a tied table and LM head get one layout each (2-D for Gather, 3-D for MatMul)."""
+        op = "matmul" if site.node.target is _aten.linear.default else "gather"
+        name = f"{site.name.replace('.', '_')}_nbits_{op}_{role}"
+        if not hasattr(out, name):
+            out.register_buffer(name, torch.from_numpy(np.ascontiguousarray(array)))
         with graph.inserting_before(before):
             return graph.get_attr(name)
 

@@ -107,3 +107,27 @@ def test_quantized_embedding_becomes_gather_block_quantized(symmetric):
     with torch.no_grad():
         expected = quantized(probe).numpy()
     np.testing.assert_allclose(_run(model, probe.numpy()), expected, rtol=1e-5, atol=1e-5)
+
+
+class TiedHead(nn.Module):
+    """The embedding table is also the output projection (a tied LM head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Embedding(96, 64)
+
+    def forward(self, ids):
+        return nn.functional.linear(torch.tanh(self.table(ids)), self.table.weight)
+
+
+def test_tied_table_and_head_each_get_their_layout():
+    torch.manual_seed(3)
+    ids = torch.randint(0, 96, (2, 6))
+    gm = gp.capture(TiedHead().eval(), (ids,))
+    quantized = gp.optimize(gm, ["quantize-weights:bits=4,block_size=32"]).graph
+    model = gp.export.to_onnx(quantized, (ids,))
+    ops = [node.op_type for node in model.graph]
+    assert ops.count("GatherBlockQuantized") == 1 and ops.count("MatMulNBits") == 1
+    with torch.no_grad():
+        expected = quantized(ids).numpy()
+    np.testing.assert_allclose(_run(model, ids.numpy()), expected, rtol=1e-5, atol=1e-5)
