@@ -15,6 +15,7 @@ from ._channel_onnx_read import (
     array_of,
     dims_of,
     entries_of,
+    inferred_dims,
     input_of,
     ints_of,
     is_const,
@@ -166,6 +167,8 @@ def onnx_view(model: ir.Model) -> View:
     for value in g.inputs:
         shapes[value.name] = dims_of(value)
     names = {id(node): node.name or f"{node.op_type}_{index}" for index, node in enumerate(g)}
+    missing = any(v.shape is None for node in g for v in node.outputs)
+    inferred = inferred_dims(model) if missing else {}
     for node in g:
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             continue
@@ -178,7 +181,7 @@ def onnx_view(model: ir.Model) -> View:
         if outer:  # a subgraph reads these from the main graph: no rule can follow them
             kind, ins = "other", ins + outer
         for value in node.outputs:
-            shapes[value.name] = dims_of(value)
+            shapes[value.name] = dims_of(value) or inferred.get(value.name)
         ops.append(Op(names[id(node)], kind, ins, [v.name for v in node.outputs], attrs, op_name(node)))
     order = {names[id(node)]: k for k, node in enumerate(g)}
     return View(ops, shapes, [v.name for v in g.inputs if not is_const(v)],

@@ -5,14 +5,19 @@ through ``Shape``/``Slice``/``Gather``/``Concat``, or unknown)."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 from ._channel_view import Const, Entry
 from .onnx import constant_array
 
-__all__ = ["array_of", "const_shape", "dims_of", "entries_of", "input_of", "ints_of",
-           "is_const", "through_transpose"]
+__all__ = ["array_of", "const_shape", "dims_of", "entries_of", "inferred_dims", "input_of",
+           "ints_of", "is_const", "through_transpose"]
+
+logger = logging.getLogger(__name__)
 
 
 def dims_of(value: ir.Value | None) -> tuple | None:
@@ -20,6 +25,26 @@ def dims_of(value: ir.Value | None) -> tuple | None:
         return None
     return tuple(d if isinstance(d, int) else (str(d.value) if d.value is not None else None)
                  for d in value.shape)
+
+
+def inferred_dims(model: ir.Model) -> dict[str, tuple | None]:
+    """Shapes ONNX shape inference gives the main graph's values, for models saved without
+    them (hand-built or stripped); computed on a serialised copy, the model is not touched.
+    Empty when inference fails (a model over 2 GB, an unknown op's output stays unknown)."""
+    try:
+        proto = onnx.shape_inference.infer_shapes(ir.serde.serialize_model(model),
+                                                  strict_mode=False, data_prop=True)
+    except Exception as exc:  # best effort: the analysis then sees what the model records
+        logger.debug("shape inference for the channel analysis failed: %s", exc)
+        return {}
+    found: dict[str, tuple | None] = {}
+    for info in proto.graph.value_info:
+        tensor = info.type.tensor_type
+        if info.type.HasField("tensor_type") and tensor.HasField("shape"):
+            found[info.name] = tuple(
+                d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                for d in tensor.shape.dim)
+    return found
 
 
 def array_of(value: ir.Value | None) -> np.ndarray | None:

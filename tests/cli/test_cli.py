@@ -191,3 +191,40 @@ def test_clean_onnx_file_sample_runs(model_path, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert [n.op_type for n in onnx.load(out).graph.node] == ["MatMul", "Relu"]
     assert "<svg" in report.read_text() and "removed" in proc.stdout
+
+
+def _mlp_path(tmp_path) -> Path:
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+             for name, shape in (("w1", (8, 16)), ("b1", (16,)), ("w2", (16, 4)))]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+             helper.make_node("Add", ["h", "b1"], ["hb"], name="fc1_bias"),
+             helper.make_node("Relu", ["hb"], ["a"], name="act"),
+             helper.make_node("MatMul", ["a", "w2"], ["y"], name="fc2")]
+    graph = helper.make_graph(nodes, "mlp",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4])],
+                              inits)
+    path = tmp_path / "mlp.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                                ir_version=10), path)
+    return path
+
+
+def test_prune_with_reconstruction_from_the_command_line(tmp_path, capsys):
+    path, data = _mlp_path(tmp_path), tmp_path / "calib.npz"
+    x = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)
+    np.savez(data, x=x)
+    spec = "prune-channels:ratio=0.5,importance=activation,reconstruct=true"
+    plain, refit = tmp_path / "plain.onnx", tmp_path / "refit.onnx"
+    assert main(["optimize", str(path), "-p", spec.replace(",reconstruct=true", ""), "-o",
+                 str(plain), "--calibration", str(data)]) == 0, capsys.readouterr().err
+    assert main(["optimize", str(path), "-p", spec, "-o", str(refit), "--calibration",
+                 str(data)]) == 0, capsys.readouterr().err
+    shapes = {t.name: list(t.dims) for t in onnx.load(refit).graph.initializer}
+    assert [8, 8] in shapes.values() and [8, 4] in shapes.values()  # 16 hidden units -> 8
+    expected = _run_ort(path, x)
+    plain_error = np.square(_run_ort(plain, x) - expected).mean()
+    assert np.square(_run_ort(refit, x) - expected).mean() < 0.7 * plain_error
+    assert main(["optimize", str(path), "-p", spec, "-o", str(tmp_path / "no.onnx")]) == 2
+    assert "reconstruct=true needs calibration" in _error_line(capsys)

@@ -590,3 +590,30 @@ def test_computed_linear_weight_blocks_instead_of_crashing():
     assert not groups["linear:out"].prunable  # a's output feeds the computed-weight linear
     assert "the weight is not a constant" in groups["linear:out"].reason
     assert all(not g.prunable for g in groups.values())
+
+
+def test_onnx_model_saved_without_shapes_is_analysed_after_inference():
+    """A hand-built model records no intermediate shapes: the analysis infers them (on a
+    copy) and finds the same groups as with shapes; the model keeps its missing shapes."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    import graphpress as gp
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("w1", (8, 16)), ("w2", (16, 4)))]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+             helper.make_node("Relu", ["h"], ["a"], name="act"),
+             helper.make_node("MatMul", ["a", "w2"], ["y"], name="fc2")]
+    graph = helper.make_graph(nodes, "mlp",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4])],
+                              inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    bare, inferred = gp.load(proto), gp.load(onnx.shape_inference.infer_shapes(proto))
+    groups = [(g.kind, g.size, g.prunable) for g in channel_groups(bare)]
+    assert groups == [(g.kind, g.size, g.prunable) for g in channel_groups(inferred)]
+    assert ("ffn", 16, True) in groups  # fc1's neurons, read by fc2
+    hidden = next(node.outputs[0] for node in bare.graph if node.name == "fc1")
+    assert hidden.shape is None
