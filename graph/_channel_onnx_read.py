@@ -5,46 +5,31 @@ through ``Shape``/``Slice``/``Gather``/``Concat``, or unknown)."""
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
-import onnx
 import onnx_ir as ir
 
 from ._channel_view import Const, Entry
-from .onnx import constant_array
+from .onnx import constant_array, inferred_tensor_types
 
 __all__ = ["array_of", "const_shape", "dims_of", "entries_of", "inferred_dims", "input_of",
            "ints_of", "is_const", "through_transpose"]
 
-logger = logging.getLogger(__name__)
+
+def _dims(shape: ir.Shape) -> tuple:
+    return tuple(d if isinstance(d, int) else (str(d.value) if d.value is not None else None)
+                 for d in shape)
 
 
 def dims_of(value: ir.Value | None) -> tuple | None:
-    if value is None or value.shape is None:
-        return None
-    return tuple(d if isinstance(d, int) else (str(d.value) if d.value is not None else None)
-                 for d in value.shape)
+    return None if value is None or value.shape is None else _dims(value.shape)
 
 
-def inferred_dims(model: ir.Model) -> dict[str, tuple | None]:
+def inferred_dims(model: ir.Model) -> dict[str, tuple]:
     """Shapes ONNX shape inference gives the main graph's values, for models saved without
-    them (hand-built or stripped); computed on a serialised copy, the model is not touched.
-    Empty when inference fails (a model over 2 GB, an unknown op's output stays unknown)."""
-    try:
-        proto = onnx.shape_inference.infer_shapes(ir.serde.serialize_model(model),
-                                                  strict_mode=False, data_prop=True)
-    except Exception as exc:  # best effort: the analysis then sees what the model records
-        logger.debug("shape inference for the channel analysis failed: %s", exc)
-        return {}
-    found: dict[str, tuple | None] = {}
-    for info in proto.graph.value_info:
-        tensor = info.type.tensor_type
-        if info.type.HasField("tensor_type") and tensor.HasField("shape"):
-            found[info.name] = tuple(
-                d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                for d in tensor.shape.dim)
-    return found
+    them (hand-built or stripped); the model is not touched, and nothing is found when
+    inference fails."""
+    return {name: _dims(ir.serde.deserialize_type_proto_for_shape(type_proto))
+            for name, type_proto in inferred_tensor_types(model).items()}
 
 
 def array_of(value: ir.Value | None) -> np.ndarray | None:

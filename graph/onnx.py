@@ -7,7 +7,10 @@ Nodes and values a pass creates record the pass name in
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 __all__ = [
@@ -18,7 +21,10 @@ __all__ = [
     "unique_name",
     "value_names",
     "subgraphs",
+    "inferred_tensor_types",
 ]
+
+logger = logging.getLogger(__name__)
 
 PROVENANCE = "graphpress.pass"
 
@@ -92,3 +98,17 @@ def subgraphs(node: ir.Node) -> list[ir.Graph]:
         elif attr.type == ir.AttributeType.GRAPHS:
             found.extend(attr.value)
     return found
+
+
+def inferred_tensor_types(model: ir.Model) -> dict[str, onnx.TypeProto]:
+    """What ONNX shape inference gives the main graph's values, by name: the tensor types that
+    carry a shape. Computed on a serialised copy (the model is not touched); empty when
+    inference fails (a model over 2 GB, for one). Best effort: ORT infers shapes again."""
+    try:
+        proto = onnx.shape_inference.infer_shapes(ir.serde.serialize_model(model),
+                                                  strict_mode=False, data_prop=True)
+    except Exception as exc:
+        logger.debug("ONNX shape inference failed: %s", exc)
+        return {}
+    return {info.name: info.type for info in proto.graph.value_info
+            if info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape")}

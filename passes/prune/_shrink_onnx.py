@@ -28,11 +28,16 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
 from graphpress.graph.errors import UnsupportedGraphError
-from graphpress.graph.onnx import add_initializer, mark, unique_name, value_names
+from graphpress.graph.onnx import (
+    add_initializer,
+    inferred_tensor_types,
+    mark,
+    unique_name,
+    value_names,
+)
 
 from .._rewrite import drop_unused_constants, onnx_const
 from ._importance import IndexLedger, unit_channels
@@ -272,17 +277,10 @@ def refresh_shapes(model: ir.Model, values: list[ir.Value]) -> None:
         value.shape = None
     if not values:
         return
-    try:
-        proto = onnx.shape_inference.infer_shapes(ir.serde.serialize_model(model),
-                                                  strict_mode=False, data_prop=True)
-    except Exception as exc:  # inference is best effort: ORT infers shapes again anyway
-        logger.debug("shape inference after pruning failed: %s", exc)
-        return
-    inferred = {vi.name: vi.type for vi in proto.graph.value_info}
+    inferred = inferred_tensor_types(model)
     for value in values:
         type_proto = inferred.get(value.name)
-        if type_proto is not None and type_proto.HasField("tensor_type") and (
-                type_proto.tensor_type.HasField("shape")):
+        if type_proto is not None:
             value.shape = ir.serde.deserialize_type_proto_for_shape(type_proto)
             if value.type is None:
                 value.type = ir.serde.deserialize_type_proto_for_type(type_proto)
