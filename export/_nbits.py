@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from torch import fx
 
+from graphpress.graph.fx import get_tensor
+
 __all__ = ["NbitsSite", "find_nbits_sites", "nbits_export_copy", "SUPPORTED_BITS"]
 
 logger = logging.getLogger(__name__)
@@ -93,12 +95,7 @@ def _is(node: object, target) -> bool:
 
 
 def _tensor(gm: fx.GraphModule, node: object) -> torch.Tensor | None:
-    if not (isinstance(node, fx.Node) and node.op == "get_attr"):
-        return None
-    value = gm
-    for part in str(node.target).split("."):
-        value = getattr(value, part, None)
-    return value if isinstance(value, torch.Tensor) else None
+    return get_tensor(gm, node) if isinstance(node, fx.Node) else None
 
 
 _WEIGHT_ARG = {_aten.linear.default: 1, _aten.embedding.default: 0}

@@ -82,9 +82,10 @@ def onnx_consumer(node: ir.Node) -> tuple[int, bool] | None:
 
 
 def add_bias_fx(gm: fx.GraphModule, node: fx.Node, delta: np.ndarray, pass_name: str,
-                tag: str = "foldpruned") -> fx.Node:
+                tag: str = "foldpruned") -> tuple[fx.Node | None, fx.Node]:
     """Make ``node`` (linear/conv/addmm/mm/matmul) compute ``+ delta`` on its output channels;
-    returns the new bias ``get_attr`` (``<weight>.<tag>.bias``)."""
+    returns the old bias ``get_attr`` (``None`` if there was none) and the new one
+    (``<weight>.<tag>.bias``)."""
     index = 0 if node.target is _aten.addmm.default else 2
     old = node.args[index] if len(node.args) > index else None
     weight = node.args[2 if node.target is _aten.addmm.default else 1]
@@ -103,11 +104,11 @@ def add_bias_fx(gm: fx.GraphModule, node: fx.Node, delta: np.ndarray, pass_name:
         node.replace_all_uses_with(add, delete_user_cb=lambda user: user is not add)
         if "val" in node.meta:
             add.meta["val"] = node.meta["val"]
-        return bias
+        return None, bias
     args = [*node.args, *[None] * (index + 1 - len(node.args))]
     args[index] = bias
     node.args = tuple(args)
-    return bias
+    return (old if isinstance(old, fx.Node) else None), bias
 
 
 def add_bias_onnx(model: ir.Model, node: ir.Node, delta: np.ndarray, pass_name: str,
@@ -170,10 +171,8 @@ def apply_bias_deltas(graph, shrinker, deltas: dict, pass_name: str,
     for node, (use, out_axis, delta) in deltas.items():
         delta = np.delete(np.asarray(delta, np.float64), shrinker.removed(use, out_axis))
         if isinstance(node, fx.Node):
-            index = 0 if node.target is _aten.addmm.default else 2
-            old = node.args[index] if len(node.args) > index else None
-            new = add_bias_fx(graph, node, delta, pass_name, tag)
-            if isinstance(old, fx.Node):
+            old, new = add_bias_fx(graph, node, delta, pass_name, tag)
+            if old is not None:
                 shrinker.origin[new] = shrinker.origin.get(old, old.target)
                 remove_dead_fx(graph, [old])
         else:
